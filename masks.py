@@ -1,0 +1,275 @@
+"""LongGen's attention patterns, as FlexAttention mask_mods and as block masks built at block level.
+
+The paper (LongGen, ICLR 2025) keeps full attention in the middle third of the layers and gives every other layer one of
+two static, block-aligned sparse patterns (kernel block = 64 tokens):
+
+  * sink + window ("AttnSink"): the first block (64 sink tokens) and the most recent 32 blocks (2,048 tokens);
+  * strided blocks ("BlockSparse"): a few local blocks plus every 64th block.
+
+Each pattern below is a mask_mod factory whose docstring states the exact inequality, with its parameters captured as
+tensors so that changing a value never recompiles a kernel. Beside each one is its *block rule*: for a rectangle of
+query positions [q_lo, q_hi] x key positions [k_lo, k_hi] it answers "is any pair allowed?" and "are all pairs
+allowed?" in closed form. `block_mask` uses those rules to build a BlockMask straight from the block grid, which at 128K
+tokens takes milliseconds, where `create_block_mask` evaluates all S x S pairs (1.5-5 s on an H100).
+
+Positions are logical token positions. Packed documents (`document`) and chunked prefill (`q_offset`) only change which
+positions the physical indices stand for.
+
+Legend: B batch, Q query tokens, K key tokens, NQ / NK query / key blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_idx, kv_idx) -> bool
+
+KINDS = ("full", "sink_window", "strided")
+
+
+# ------------------------------------------------------------------------------------------------ the patterns
+def causal() -> MaskMod:
+    """Full causal attention: query q sees key k iff k <= q."""
+
+    def causal_mask(b, h, q, k):
+        return k <= q
+
+    return causal_mask
+
+
+def sink_window(n_sink: int, window: int, device=None) -> MaskMod:
+    """Sink + window: query q sees key k iff k <= q and (k < n_sink or q - k < window).
+
+    The first `n_sink` tokens stay visible forever; otherwise a query sees itself and the `window - 1` tokens before it.
+    Paper: n_sink = 64 (one block), window = 2048 (32 blocks).
+    """
+    n_sink_t = torch.tensor(n_sink, device=device)
+    window_t = torch.tensor(window, device=device)
+
+    def sink_window_mask(b, h, q, k):
+        return (k <= q) & ((k < n_sink_t) | (q - k < window_t))
+
+    sink_window_mask.__name__ = f"sink_window_{n_sink}_{window}"
+    return sink_window_mask
+
+
+def strided(block: int, local_blocks: int, stride: int, device=None) -> MaskMod:
+    """Strided blocks: with qb = q // block and kb = k // block, query q sees key k iff
+    k <= q and (qb - kb < local_blocks or (kb + 1) % stride == 0).
+
+    A query sees its own block and the `local_blocks - 1` blocks before it, plus every `stride`-th block of the past
+    (blocks stride-1, 2*stride-1, ...). Paper: block = 64 tokens, stride = 64 blocks; the number of local blocks is not
+    stated, we take 16 (1,024 tokens), the default of the co-authors' local-stride kernel (Phi-3-small).
+    """
+    block_t = torch.tensor(block, device=device)
+    local_t = torch.tensor(local_blocks, device=device)
+    stride_t = torch.tensor(stride, device=device)
+
+    def strided_mask(b, h, q, k):
+        qb, kb = q // block_t, k // block_t
+        return (k <= q) & ((qb - kb < local_t) | ((kb + 1) % stride_t == 0))
+
+    strided_mask.__name__ = f"strided_{block}_{local_blocks}_{stride}"
+    return strided_mask
+
+
+def document(mask_mod: MaskMod, doc_ids: Tensor) -> MaskMod:
+    """Packed documents: q sees k iff they are in the same document and `mask_mod` allows them at their positions
+    *within* that document, so every document gets its own sink, window and blocks, as if it were alone.
+
+    doc_ids: (B, S) document number of every token, non-decreasing along each row.
+    """
+    starts = document_starts(doc_ids)  # (B, S) index of the first token of each token's document
+
+    def document_mask(b, h, q, k):
+        same_doc = doc_ids[b, q] == doc_ids[b, k]
+        return same_doc & mask_mod(b, h, q - starts[b, q], k - starts[b, k])
+
+    return document_mask
+
+
+def shifted(mask_mod: MaskMod, q_offset: int, device=None) -> MaskMod:
+    """Queries are the tokens q_offset, q_offset + 1, ... of the sequence (a prefill chunk): q sees k iff
+    mask_mod(q + q_offset, k)."""
+    offset_t = torch.tensor(q_offset, device=device)
+
+    def shifted_mask(b, h, q, k):
+        return mask_mod(b, h, q + offset_t, k)
+
+    return shifted_mask
+
+
+def document_starts(doc_ids: Tensor) -> Tensor:
+    """(B, S) -> (B, S): for every token, the index of the first token of its document."""
+    S = doc_ids.shape[-1]
+    idx = torch.arange(S, device=doc_ids.device).expand_as(doc_ids)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.where(is_start, idx, 0).cummax(dim=-1).values
+
+
+# ------------------------------------------------------------------------------------------------ block rules
+# Each rule takes inclusive position intervals (broadcastable int64 tensors) and returns (any_allowed, all_allowed).
+def causal_blocks(q_lo, q_hi, k_lo, k_hi):
+    return k_lo <= q_hi, k_hi <= q_lo
+
+
+def sink_window_blocks(q_lo, q_hi, k_lo, k_hi, n_sink, window):
+    # Some pair is allowed if the earliest key is a sink some query can see, or if the closest causal pair
+    # (distance max(q_lo - k_hi, 0)) lies inside the window.
+    any_ = (k_lo <= q_hi) & ((k_lo < n_sink) | ((q_lo - k_hi).clamp(min=0) < window))
+    # Every pair is allowed if all are causal and the farthest non-sink key is still inside the window of the last query.
+    all_ = (k_hi <= q_lo) & ((k_hi < n_sink) | (q_hi - k_lo.clamp(min=n_sink) < window))
+    return any_, all_
+
+
+def strided_blocks(q_lo, q_hi, k_lo, k_hi, block, local_blocks, stride):
+    kb_lo, kb_hi = k_lo // block, k_hi // block
+    causal_any = k_lo <= q_hi
+    # Local: the pair with the smallest block distance is the earliest query that is not before the key range,
+    # with the latest key not after it.
+    q_near = torch.maximum(q_lo, k_lo)
+    k_near = torch.minimum(k_hi, q_near)
+    local_any = q_near // block - k_near // block < local_blocks
+    # Vertical: the last block b with (b + 1) % stride == 0 that holds a key no later than q_hi.
+    kb_max = torch.minimum(k_hi, q_hi) // block
+    vertical_any = ((kb_max + 1) // stride) * stride - 1 >= kb_lo
+    any_ = causal_any & (local_any | vertical_any)
+    # All: every key block is vertical, or the earliest non-vertical one is local to the last query.
+    first_plain = kb_lo + ((kb_lo + 1) % stride == 0).long()  # for stride > 1, the next block is never vertical
+    all_vertical = (first_plain > kb_hi) | (stride == 1)
+    all_ = (k_hi <= q_lo) & (all_vertical | (q_hi // block - first_plain < local_blocks))
+    return any_, all_
+
+
+# ------------------------------------------------------------------------------------------------ one pattern
+@dataclass(frozen=True)
+class Pattern:
+    """An attention kind with its parameters, in tokens. `full` is causal attention."""
+
+    kind: str = "full"
+    n_sink: int = 64
+    window: int = 2048
+    block: int = 64
+    local_blocks: int = 16
+    stride: int = 64
+
+    def mask_mod(self, device=None) -> MaskMod:
+        if self.kind == "sink_window":
+            return sink_window(self.n_sink, self.window, device)
+        if self.kind == "strided":
+            return strided(self.block, self.local_blocks, self.stride, device)
+        return causal()
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        if self.kind == "sink_window":
+            return sink_window_blocks(q_lo, q_hi, k_lo, k_hi, self.n_sink, self.window)
+        if self.kind == "strided":
+            return strided_blocks(q_lo, q_hi, k_lo, k_hi, self.block, self.local_blocks, self.stride)
+        return causal_blocks(q_lo, q_hi, k_lo, k_hi)
+
+
+def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_offset: int = 0,
+               doc_ids: Tensor | None = None, device=None) -> Tensor:
+    """The pattern as a boolean (B, 1, Q, K) tensor from the same mask_mod: the SDPA fallback where flex cannot run."""
+    return create_mask(_full_mask_mod(pattern, q_offset, doc_ids, device), batch, 1, q_len, kv_len, device)
+
+
+def _full_mask_mod(pattern, q_offset, doc_ids, device):
+    mask_mod = pattern.mask_mod(device)
+    if doc_ids is not None:
+        mask_mod = document(mask_mod, doc_ids)
+    if q_offset:
+        mask_mod = shifted(mask_mod, q_offset, device)
+    return mask_mod
+
+
+# ------------------------------------------------------------------------------------------------ block masks
+def block_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_offset: int = 0,
+               doc_ids: Tensor | None = None, block_size: int | tuple[int, int] = 128, device=None) -> BlockMask:
+    """A BlockMask for queries q_offset .. q_offset + q_len - 1 against keys 0 .. kv_len - 1, built from the block rules.
+
+    Equal to `create_block_mask` of the same mask_mod (same partial and full blocks) without documents. With documents
+    (doc_ids: (B, kv_len), non-decreasing), blocks that hold a document boundary are marked partial whenever they share a
+    document, so they may hold a block `create_block_mask` would skip; the mask_mod inside partial blocks keeps the
+    result exact.
+    """
+    QB, KB = (block_size, block_size) if isinstance(block_size, int) else block_size
+    device = doc_ids.device if doc_ids is not None else device
+    q_lo, q_hi, q_cut = _block_ranges(q_len, QB, q_offset, device)  # (NQ,)
+    k_lo, k_hi, k_cut = _block_ranges(kv_len, KB, 0, device)  # (NK,)
+    if doc_ids is None:
+        any_, all_ = pattern.blocks(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :])  # (NQ, NK)
+        any_, all_ = any_.expand(batch, -1, -1), all_.expand(batch, -1, -1)  # (B, NQ, NK)
+    else:
+        if not bool((doc_ids[:, 1:] >= doc_ids[:, :-1]).all()):
+            raise ValueError("doc_ids must be non-decreasing along each row (one number per packed document).")
+        any_, all_ = _document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi)
+    # A block cut short by the end of the sequence is never full (as create_block_mask pads it with masked entries).
+    all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+    partial, full = any_ & ~all_, all_
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(QB, KB),
+                                    mask_mod=_full_mask_mod(pattern, q_offset, doc_ids, device),
+                                    seq_lengths=(q_len, kv_len))
+
+
+def _block_ranges(length, block, offset, device):
+    """First and last position of every block, and whether the block is cut short by the end of the sequence."""
+    lo = torch.arange(0, length, block, device=device)
+    hi = torch.clamp(lo + block - 1, max=length - 1)
+    return lo + offset, hi + offset, hi - lo + 1 < block
+
+
+def _document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi):
+    """Block rules in document-local positions: (B, NQ, NK) any / all."""
+    starts = document_starts(doc_ids)  # (B, S)
+
+    def describe(lo, hi):  # per block: first and last document, and local positions of its first and last token
+        d_lo, d_hi = doc_ids[:, lo], doc_ids[:, hi]  # (B, N)
+        return d_lo, d_hi, lo - starts[:, lo], hi - starts[:, hi]
+
+    qd_lo, qd_hi, q_llo, q_lhi = (t[:, :, None] for t in describe(q_lo, q_hi))  # (B, NQ, 1)
+    kd_lo, kd_hi, k_llo, k_lhi = (t[:, None, :] for t in describe(k_lo, k_hi))  # (B, 1, NK)
+    single = (qd_lo == qd_hi) & (kd_lo == kd_hi)  # both blocks lie inside one document each
+    share = (qd_lo <= kd_hi) & (kd_lo <= qd_hi)  # the blocks have a document in common
+    rule_any, rule_all = pattern.blocks(q_llo, q_lhi, k_llo, k_lhi)
+    causal_any = (k_lo[None, None, :] <= q_hi[None, :, None])
+    any_ = torch.where(single, share & rule_any, share & causal_any)
+    all_ = single & share & rule_all
+    return any_, all_
+
+
+def _ordered(blocks: Tensor):
+    """(B, NQ, NK) bool -> (B, 1, NQ) counts and (B, 1, NQ, NK) block indices, kept blocks first in increasing order."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num[:, None], idx[:, None]
+
+
+# ------------------------------------------------------------------------------------------------ the picture
+def render(path, seq_len: int = 128, patterns: dict[str, Pattern] | None = None) -> None:
+    """Draw each pattern's token-level mask side by side into a PNG (the paper's Fig. 1, at toy scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if patterns is None:  # the paper's shapes, scaled down 8x in blocks so the picture stays readable
+        patterns = {
+            "full attention (middle layers)": Pattern("full"),
+            "sink + window": Pattern("sink_window", n_sink=8, window=32),
+            "strided blocks": Pattern("strided", block=8, local_blocks=2, stride=4),
+        }
+    fig, axes = plt.subplots(1, len(patterns), figsize=(4 * len(patterns), 4.3))
+    for ax, (title, pattern) in zip(axes, patterns.items()):
+        ax.imshow(dense_mask(pattern, seq_len, seq_len)[0, 0].numpy(), cmap="Blues", interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,313 @@
+"""A one-file Llama whose layers each have an attention kind: `full` (SDPA, flash on GPU) or one of LongGen's sparse
+patterns, `sink_window` and `strided` (compiled FlexAttention with a BlockMask; on CPU, SDPA with a dense boolean mask
+made from the same mask_mod, since flex has no backward there).
+
+Legend for shape suffixes: B batch, T tokens in this call, S keys attended (T plus cached), D model width, H query
+heads, G key/value heads, E head width, F feed-forward width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from errors import UserError
+from masks import KINDS, Pattern, block_mask, dense_mask, document_starts
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Stretch RoPE for longer contexts. "linear": positions / factor (position interpolation). "llama3": Llama-3.1's
+    frequency-dependent rule (low frequencies / factor, high ones kept, a smooth ramp between)."""
+
+    kind: str = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 0  # 0: as many as n_heads (multi-head attention); fewer: grouped-query attention
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    attn: tuple[str, ...] = ()  # one kind per layer (masks.KINDS); empty: every layer full
+    # LongGen's sparse patterns, in tokens (paper defaults; masks.py states each pattern exactly)
+    n_sink: int = 64  # sink_window: first tokens always visible (one block)
+    window: int = 2048  # sink_window: most recent tokens visible (32 blocks)
+    block: int = 64  # strided: block width
+    local_blocks: int = 16  # strided: own block + 15 before it (not in the paper; the local-stride kernel's default)
+    stride: int = 64  # strided: every 64th block stays visible
+    mask_block: int = 128  # FlexAttention BlockMask tile, in tokens
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+        if self.n_kv_heads == 0:
+            set_("n_kv_heads", self.n_heads)
+        if not self.attn:
+            set_("attn", ("full",) * self.n_layers)
+        set_("attn", tuple(self.attn))
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "window",
+                     "block", "local_blocks", "stride", "mask_block"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"Config value {name}={getattr(self, name)} must be a positive integer.")
+        if self.n_sink < 0:
+            raise UserError(f"Config value n_sink={self.n_sink} must be 0 or more.")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}.")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise UserError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even width.")
+        if self.rope_scaling is not None and (self.rope_scaling.kind not in ("linear", "llama3")
+                                              or self.rope_scaling.factor <= 0):
+            raise UserError(f"rope_scaling must be of kind 'linear' or 'llama3' with factor > 0, "
+                            f"not {self.rope_scaling}.")
+        if len(self.attn) != self.n_layers or not set(self.attn) <= set(KINDS):
+            raise UserError(f"attn must name one of {', '.join(KINDS)} for each of the {self.n_layers} layers.")
+        set_("head_dim", self.dim // self.n_heads)
+
+    def weight_shapes(self) -> tuple:
+        """What the weights' shapes depend on: configs that agree here can share one set of weights."""
+        return (self.vocab_size, self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.ffn_dim,
+                self.tie_embeddings)
+
+    def pattern(self, kind: str) -> Pattern:
+        return Pattern(kind, self.n_sink, self.window, self.block, self.local_blocks, self.stride)
+
+
+PRESETS = {
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
+                         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=4096),
+    "llama-2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                        max_seq_len=4096),
+    "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       rope_theta=500000.0, max_seq_len=8192),
+    # For tests: small enough for CPU, patterns short enough that a few hundred tokens cross every boundary.
+    "tiny": dict(vocab_size=512, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024,
+                 n_sink=4, window=24, block=8, local_blocks=2, stride=4, mask_block=16),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise UserError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
+    return Config(**{**PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(cfg: Config, device=None) -> Tensor:
+    """(E/2,) inverse frequencies, with the config's scaling rule applied."""
+    E = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, E, 2, device=device, dtype=torch.float32) / E)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    # llama3: wavelengths longer than original/low_freq_factor are stretched, shorter than original/high_freq_factor
+    # kept, and those between interpolated.
+    wavelen = 2 * math.pi / inv_freq
+    ramp = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - ramp) * inv_freq / s.factor + ramp * inv_freq
+    stretched = torch.where(wavelen > s.original_max_seq_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    medium = (wavelen >= s.original_max_seq_len / s.high_freq_factor) & (
+        wavelen <= s.original_max_seq_len / s.low_freq_factor)
+    return torch.where(medium, smoothed, stretched)
+
+
+def rope_angles(inv_freq: Tensor, positions: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """positions (T,) or (B, T) -> cos, sin of shape (1 or B, 1, T, E), half-split layout (as in HF Llama)."""
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, E/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, E)
+    emb = emb.view(-1, 1, *emb.shape[-2:])  # (1 or B, 1, T, E)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+_compiled_flex = None
+
+
+def flex(q, k, v, block_mask: BlockMask):
+    """Compiled FlexAttention (uncompiled flex materialises the full score matrix). Compiled once and reused: the
+    mask parameters are tensors, so new masks do not recompile."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def attend(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:
+    """mask: None = causal over equal lengths (SDPA flash), a BlockMask (flex), or a (B, 1, T, S) bool tensor (SDPA)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, is_causal=True, enable_gqa=True)
+    if isinstance(mask, BlockMask):
+        return flex(q_BHTE, k_BGSE, v_BGSE, mask)
+    return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, attn_mask=mask, enable_gqa=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x_BTD, rope, mask, cache=None, start_pos=0):
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
+        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, G, S, E)
+        y = attend(q, k, v, mask)  # (B, H, T, E)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x_BTD, rope, mask, cache=None, start_pos=0):
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), rope, mask, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ------------------------------------------------------------------------------------------------ the model
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.use_flex: bool | None = None  # None: flex on GPU, dense-mask SDPA elsewhere
+
+    def masks(self, q_len, kv_len, start_pos=0, doc_ids=None, batch=1, device=None) -> dict:
+        """One mask per attention kind in the model, shared by every layer of that kind."""
+        use_flex = self.use_flex if self.use_flex is not None else torch.device(device).type == "cuda"
+        masks = {}
+        for kind in set(self.cfg.attn):
+            pattern = self.cfg.pattern(kind)
+            if kind == "full" and doc_ids is None and start_pos == 0 and q_len == kv_len:
+                masks[kind] = None  # plain causal: SDPA's own flash path
+            elif use_flex:
+                masks[kind] = block_mask(pattern, q_len, kv_len, batch=batch, q_offset=start_pos, doc_ids=doc_ids,
+                                         block_size=self.cfg.mask_block, device=device)
+            else:
+                masks[kind] = dense_mask(pattern, q_len, kv_len, batch=batch, q_offset=start_pos, doc_ids=doc_ids,
+                                         device=device)
+        return masks
+
+    def forward(self, tokens_BT: Tensor, *, start_pos: int = 0, doc_ids: Tensor | None = None, cache=None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, V). With a cache, the tokens sit at positions start_pos.. of the sequence.
+        doc_ids (B, T), for packed training sequences: each document is attended to, and positioned, on its own."""
+        B, T = tokens_BT.shape
+        device = tokens_BT.device
+        if start_pos + T > self.cfg.max_seq_len:
+            raise UserError(f"{start_pos + T} tokens exceed the model's max_seq_len={self.cfg.max_seq_len}; "
+                            "shorten the input or raise max_seq_len.")
+        if doc_ids is not None:
+            if cache is not None or start_pos:
+                raise UserError("doc_ids are for whole packed training sequences, not for cached generation.")
+            positions = torch.arange(T, device=device) - document_starts(doc_ids)  # (B, T), restart per document
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=device)  # (T,)
+        h = self.tok_embeddings(tokens_BT)  # (B, T, D)
+        rope = rope_angles(rope_frequencies(self.cfg, device), positions, h.dtype)
+        masks = self.masks(T, start_pos + T, start_pos, doc_ids, B, device)
+        for layer, kind in zip(self.layers, self.cfg.attn):
+            h = layer(h, rope, masks[kind], cache, start_pos)
+        return self.output(self.norm(h))  # (B, T, V)
+
+
+class KVCache:
+    """A plain static cache: every layer keeps every key and value. (generate.py's compacted cache keeps less.)"""
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)  # per layer (B, G, max_len, E)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, layer: int, start: int, k_BGTE: Tensor, v_BGTE: Tensor):
+        end = start + k_BGTE.shape[2]
+        self.k[layer, :, :, start:end] = k_BGTE
+        self.v[layer, :, :, start:end] = v_BGTE
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, G, S, E)
+
+
+def build(cfg: Config, state_dict: dict[str, Tensor] | None = None, *, device=None, dtype=None) -> Transformer:
+    """Make the model on the meta device and load the weights by assignment (no copy, no double memory).
+    Without weights it is randomly initialised (for training from scratch and tests)."""
+    if state_dict is None:
+        with torch.device(device or "cpu"):
+            model = Transformer(cfg)
+        init_weights(model)
+    else:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        state_dict = dict(state_dict)
+        if cfg.tie_embeddings:
+            state_dict.setdefault("output.weight", state_dict["tok_embeddings.weight"])
+        model.load_state_dict(state_dict, assign=True, strict=True)
+        if cfg.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # assignment untied them
+    return model.to(device=device, dtype=dtype)
+
+
+def init_weights(model: Transformer, std: float = 0.02) -> None:
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, std=std)

