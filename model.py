@@ -51,7 +51,7 @@ class Config:
     block: int = 64  # strided: block width
     local_blocks: int = 16  # strided: own block + 15 before it (not in the paper; the local-stride kernel's default)
     stride: int = 64  # strided: every 64th block stays visible
-    mask_block: int = 128  # FlexAttention BlockMask tile, in tokens
+    mask_block: int = 128  # FlexAttention BlockMask tile, in tokens (bench_masks.py: 128 beats 64; see BENCHMARKS.md)
     head_dim: int = field(init=False)
 
     def __post_init__(self):
@@ -65,6 +65,9 @@ class Config:
                      "block", "local_blocks", "stride", "mask_block"):
             if getattr(self, name) <= 0:
                 raise UserError(f"Config value {name}={getattr(self, name)} must be a positive integer.")
+        if self.mask_block % 128:
+            raise UserError(f"mask_block={self.mask_block} must be a multiple of 128: FlexAttention's backward "
+                            "kernel (torch 2.11-2.13) has no smaller tiles.")
         if self.n_sink < 0:
             raise UserError(f"Config value n_sink={self.n_sink} must be 0 or more.")
         if self.n_heads % self.n_kv_heads:
@@ -98,7 +101,7 @@ PRESETS = {
                        rope_theta=500000.0, max_seq_len=8192),
     # For tests: small enough for CPU, patterns short enough that a few hundred tokens cross every boundary.
     "tiny": dict(vocab_size=512, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024,
-                 n_sink=4, window=24, block=8, local_blocks=2, stride=4, mask_block=16),
+                 n_sink=4, window=24, block=8, local_blocks=2, stride=4),
 }
 
 
@@ -157,11 +160,11 @@ _compiled_flex = None
 
 
 def flex(q, k, v, block_mask: BlockMask):
-    """Compiled FlexAttention (uncompiled flex materialises the full score matrix). Compiled once and reused: the
-    mask parameters are tensors, so new masks do not recompile."""
+    """Compiled FlexAttention (uncompiled flex materialises the full score matrix). Compiled once and reused: mask
+    parameters are tensors, so new masks do not recompile, and a second sequence length makes lengths dynamic."""
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
