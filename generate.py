@@ -133,7 +133,7 @@ def main(argv=None) -> None:
         if tok.chat_template is None:
             raise UserError("This checkpoint has no chat template; drop --chat.")
         text = tok.apply_chat_template([{"role": "user", "content": text}])
-    prompt = tok.encode(text)
+    prompt = tok.encode(text, add_bos=not args.chat)  # a chat template writes its own BOS
     if len(prompt) + args.max_new_tokens > model.cfg.max_seq_len:
         raise UserError(f"The prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the "
                         f"model's context of {model.cfg.max_seq_len} tokens; shorten one of them.")

