@@ -181,6 +181,7 @@ class Pattern:
 def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_offset: int = 0,
                doc_ids: Tensor | None = None, device=None) -> Tensor:
     """The pattern as a boolean (B, 1, Q, K) tensor from the same mask_mod: the SDPA fallback where flex cannot run."""
+    device = doc_ids.device if doc_ids is not None else torch.device(device or "cpu")
     return create_mask(_full_mask_mod(pattern, q_offset, doc_ids, device), batch, 1, q_len, kv_len, device)
 
 
@@ -204,7 +205,7 @@ def block_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_o
     result exact.
     """
     QB, KB = (block_size, block_size) if isinstance(block_size, int) else block_size
-    device = doc_ids.device if doc_ids is not None else device
+    device = doc_ids.device if doc_ids is not None else torch.device(device or "cpu")
     q_lo, q_hi, q_cut = _block_ranges(q_len, QB, q_offset, device)  # (NQ,)
     k_lo, k_hi, k_cut = _block_ranges(kv_len, KB, 0, device)  # (NK,)
     if doc_ids is None:

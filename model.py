@@ -234,11 +234,13 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.use_flex: bool | None = None  # None: flex on GPU, dense-mask SDPA elsewhere
+        self.use_flex: bool | None = None  # None: flex on GPU for long chunks, dense-mask SDPA otherwise
 
     def masks(self, q_len, kv_len, start_pos=0, doc_ids=None, batch=1, device=None) -> dict:
-        """One mask per attention kind in the model, shared by every layer of that kind."""
-        use_flex = self.use_flex if self.use_flex is not None else torch.device(device).type == "cuda"
+        """One mask per attention kind in the model, shared by every layer of that kind. Flex runs on GPU for
+        chunks of at least one mask tile; shorter ones (decoding) take SDPA with a small dense (T, S) mask."""
+        use_flex = self.use_flex if self.use_flex is not None else (
+            torch.device(device).type == "cuda" and q_len >= self.cfg.mask_block)
         masks = {}
         for kind in set(self.cfg.attn):
             pattern = self.cfg.pattern(kind)
