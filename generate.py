@@ -14,7 +14,8 @@ import torch
 
 import longgen
 from errors import UserError
-from model import KVCache, Transformer
+from cache import Cache
+from model import Transformer
 from tokenizer import StreamDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,27 +43,75 @@ def sample(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None 
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float = 1.0, stop_ids=(), generator=None, stats: dict | None = None):
-    """Yield new token ids one at a time, stopping after a stop id or max_new_tokens."""
+def prefill(model: Transformer, cache: Cache, prompts: list[list[int]], chunk: int = 4096) -> torch.Tensor:
+    """Run the prompts (right-padded into one batch) through the model in chunks of `chunk` tokens, filling the
+    cache; return the logits after each prompt's last token, (B, V)."""
     device = model.tok_embeddings.weight.device
-    cache = KVCache(model.cfg, 1, len(prompt) + max_new_tokens, device, model.tok_embeddings.weight.dtype)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)  # (B, L)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = torch.tensor(prompt)
+    cache.start_prefill(lengths)
+    last, logits = lengths - 1, None
+    for c0 in range(0, tokens.shape[1], chunk):
+        part = tokens[:, c0:c0 + chunk]  # (B, T)
+        here = model(part, cache=cache, logits_at=(last - c0).clamp(0, part.shape[1] - 1))[:, 0]  # (B, V)
+        in_part = ((last >= c0) & (last < c0 + part.shape[1]))[:, None]
+        logits = here if logits is None else torch.where(in_part, here, logits)
+    cache.start_decoding()
+    return logits
+
+
+def decode_one(model: Transformer, cache: Cache, token_B: torch.Tensor) -> torch.Tensor:
+    """One step: each row's next token in, its logits out, (B, V). Compiled, this is one CUDA graph."""
+    return model(token_B[:, None], cache=cache)[:, 0]
+
+
+def compiled_decode(device):
+    """decode_one compiled once: CUDA graphs on GPU; the step's shapes never change, so it never recompiles."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(decode_one, mode=mode, fullgraph=True)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float = 1.0, stop_ids=(), chunk: int = 4096, decode=decode_one,
+             generator=None, stats: dict | None = None):
+    """Yield each step's new tokens, (B,), until every row has produced a stop id or max_new_tokens.
+    Rows that have stopped keep running (the batch is static); their later tokens are not theirs."""
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    cache = Cache(model.cfg, len(prompts), max(map(len, prompts)) + max_new_tokens, device, dtype)
+    if decode is not decode_one:
+        cache.mark_static()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    logits = model(torch.tensor([prompt], device=device), cache=cache)  # prefill
-    pos, n_new = len(prompt), 0
-    t1 = time.perf_counter()
-    for _ in range(max_new_tokens):
-        token = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (1,)
-        n_new += 1
-        yield int(token)
-        if int(token) in stop_ids or n_new == max_new_tokens:
+    logits = prefill(model, cache, prompts, chunk)
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    sync()
+    t1, steps = time.perf_counter(), 0
+    for steps in range(1, max_new_tokens + 1):
+        token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        yield token
+        done |= torch.isin(token, stop)
+        if steps == max_new_tokens or bool(done.all()):
             break
-        logits = model(token[:, None], start_pos=pos, cache=cache)
-        pos += 1
+        logits = decode(model, cache, token)
+    sync()
     if stats is not None:
-        t2 = time.perf_counter()
-        stats.update(prompt_tokens=len(prompt), new_tokens=n_new, prefill_s=t1 - t0, decode_s=t2 - t1,
-                     kv_bytes=cache.k.nbytes + cache.v.nbytes)
+        stats.update(prompt_tokens=sum(map(len, prompts)), new_tokens=steps * len(prompts), prefill_s=t1 - t0,
+                     decode_s=time.perf_counter() - t1, kv_bytes=sum(cache.nbytes().values()),
+                     kv_full_bytes=cache.full_attention_nbytes())
+
+
+def generate_text(model, tok, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
+    """Complete a batch of prompts; each answer ends before its first stop token."""
+    out = [[] for _ in prompts]
+    for step in generate(model, [tok.encode(p) for p in prompts], max_new_tokens, stop_ids=tok.stop_ids, **kwargs):
+        for row, token in enumerate(step.tolist()):
+            if not (out[row] and out[row][-1] in tok.stop_ids):
+                out[row].append(token)
+    return [tok.decode([t for t in ids if t not in tok.stop_ids]) for ids in out]
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -83,6 +132,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="attention layout: as the checkpoint records it (default), all full, or converted to LongGen")
     p.add_argument("--sparse", choices=longgen.SPARSE_KINDS, default="sink_window",
                    help="sparse pattern for --layout longgen (default sink_window)")
+    p.add_argument("--chunk", type=int, default=4096, help="prefill the prompt this many tokens at a time "
+                                                             "(default 4096)")
+    p.add_argument("--compile", action="store_true", help="compile the decoding step (CUDA graphs on GPU); the "
+                                                           "first tokens wait for the compiler")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
@@ -111,6 +164,8 @@ def check_args(args) -> None:
         raise UserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}).")
     if args.temperature < 0:
         raise UserError(f"--temperature must be 0 (greedy) or more (got {args.temperature}).")
+    if args.chunk < 1:
+        raise UserError(f"--chunk must be at least 1 (got {args.chunk}).")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {args.top_k}).")
     if not 0 < args.top_p <= 1:
@@ -138,19 +193,31 @@ def main(argv=None) -> None:
         raise UserError(f"The prompt ({len(prompt)} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the "
                         f"model's context of {model.cfg.max_seq_len} tokens; shorten one of them.")
     generator = torch.Generator(args.device).manual_seed(args.seed)
+    decode = compiled_decode(args.device) if args.compile else decode_one
     stats, stream = {}, StreamDecoder(tok)
     if not args.chat:
         print(text, end="", flush=True)
-    for token in generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, stop_ids=tok.stop_ids, generator=generator, stats=stats):
+    for step in generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, stop_ids=tok.stop_ids, chunk=args.chunk, decode=decode,
+                         generator=generator, stats=stats):
+        token = int(step[0])
         if token not in tok.stop_ids:
             print(stream.push(token), end="", flush=True)
     print(stream.flush(), flush=True)
-    kinds = ", ".join(f"{model.cfg.attn.count(k)} {k}" for k in dict.fromkeys(model.cfg.attn))
-    print(f"[{stats['prompt_tokens']} prompt tokens at {stats['prompt_tokens'] / stats['prefill_s']:.0f} tok/s, "
-          f"{stats['new_tokens']} new at {stats['new_tokens'] / max(stats['decode_s'], 1e-9):.1f} tok/s; "
-          f"layers: {kinds}; KV cache {stats['kv_bytes'] / 2**20:.1f} MiB]", file=sys.stderr)
+    print(stats_line(model, stats), file=sys.stderr)
 
+
+def stats_line(model: Transformer, stats: dict) -> str:
+    kinds = ", ".join(f"{model.cfg.attn.count(k)} {k}" for k in dict.fromkeys(model.cfg.attn))
+    saved = 1 - stats["kv_bytes"] / stats["kv_full_bytes"]
+    return (f"[{stats['prompt_tokens']} prompt tokens at {stats['prompt_tokens'] / stats['prefill_s']:.0f} tok/s, "
+            f"{stats['new_tokens']} new at {stats['new_tokens'] / max(stats['decode_s'], 1e-9):.1f} tok/s; "
+            f"layers: {kinds}; KV cache {human_bytes(stats['kv_bytes'])} (full attention would need "
+            f"{human_bytes(stats['kv_full_bytes'])}, -{100 * saved:.0f}%)]")
+
+
+def human_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 if __name__ == "__main__":
     try:

@@ -206,8 +206,8 @@ def block_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_o
     """
     QB, KB = (block_size, block_size) if isinstance(block_size, int) else block_size
     device = doc_ids.device if doc_ids is not None else torch.device(device or "cpu")
-    q_lo, q_hi, q_cut = _block_ranges(q_len, QB, q_offset, device)  # (NQ,)
-    k_lo, k_hi, k_cut = _block_ranges(kv_len, KB, 0, device)  # (NK,)
+    q_lo, q_hi, q_cut = block_ranges(q_len, QB, q_offset, device)  # (NQ,)
+    k_lo, k_hi, k_cut = block_ranges(kv_len, KB, 0, device)  # (NK,)
     if doc_ids is None:
         any_, all_ = pattern.blocks(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :])  # (NQ, NK)
         any_, all_ = any_.expand(batch, -1, -1), all_.expand(batch, -1, -1)  # (B, NQ, NK)
@@ -217,14 +217,20 @@ def block_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_o
         any_, all_ = _document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi)
     # A block cut short by the end of the sequence is never full (as create_block_mask pads it with masked entries).
     all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+    return from_block_grid(any_, all_, _full_mask_mod(pattern, q_offset, doc_ids, device), q_len, kv_len, (QB, KB))
+
+
+def from_block_grid(any_: Tensor, all_: Tensor, mask_mod: MaskMod, q_len: int, kv_len: int,
+                    block_size: tuple[int, int]) -> BlockMask:
+    """A BlockMask from (B, NQ, NK) grids: tiles where some pair is allowed, and tiles where every pair is."""
     partial, full = any_ & ~all_, all_
-    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=(QB, KB),
-                                    mask_mod=_full_mask_mod(pattern, q_offset, doc_ids, device),
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
                                     seq_lengths=(q_len, kv_len))
 
 
-def _block_ranges(length, block, offset, device):
-    """First and last position of every block, and whether the block is cut short by the end of the sequence."""
+def block_ranges(length: int, block: int, offset: int = 0, device=None):
+    """First and last position of every block of `length` tokens starting at `offset`, and whether the block is cut
+    short by the end of the sequence."""
     lo = torch.arange(0, length, block, device=device)
     hi = torch.clamp(lo + block - 1, max=length - 1)
     return lo + offset, hi + offset, hi - lo + 1 < block

@@ -187,14 +187,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x_BTD, rope, mask, cache=None, start_pos=0):
+    def forward(self, x_BTD, rope, mask, cache=None):
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
         v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, G, S, E)
+            k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
         y = attend(q, k, v, mask)  # (B, H, T, E)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -218,8 +218,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x_BTD, rope, mask, cache=None, start_pos=0):
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), rope, mask, cache, start_pos)
+    def forward(self, x_BTD, rope, mask, cache=None):
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), rope, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -234,61 +234,56 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.use_flex: bool | None = None  # None: flex on GPU for long chunks, dense-mask SDPA otherwise
+        self.use_flex: bool | None = None  # None: decided per call by flex_for()
 
-    def masks(self, q_len, kv_len, start_pos=0, doc_ids=None, batch=1, device=None) -> dict:
-        """One mask per attention kind in the model, shared by every layer of that kind. Flex runs on GPU for
-        chunks of at least one mask tile; shorter ones (decoding) take SDPA with a small dense (T, S) mask."""
-        use_flex = self.use_flex if self.use_flex is not None else (
-            torch.device(device).type == "cuda" and q_len >= self.cfg.mask_block)
-        masks = {}
+    def flex_for(self, T: int, device) -> bool:
+        """Flex runs on GPU for calls of at least one mask tile; shorter ones (decoding) take SDPA with a small dense
+        (T, S) mask. `use_flex` overrides."""
+        if self.use_flex is not None:
+            return self.use_flex
+        return torch.device(device).type == "cuda" and T >= self.cfg.mask_block
+
+    def masks(self, T: int, doc_ids=None, batch: int = 1, device=None) -> dict:
+        """One mask per attention kind, for a whole sequence of T tokens, shared by every layer of that kind."""
+        use_flex, masks = self.flex_for(T, device), {}
         for kind in set(self.cfg.attn):
             pattern = self.cfg.pattern(kind)
-            if kind == "full" and doc_ids is None and start_pos == 0 and q_len == kv_len:
+            if kind == "full" and doc_ids is None:
                 masks[kind] = None  # plain causal: SDPA's own flash path
             elif use_flex:
-                masks[kind] = block_mask(pattern, q_len, kv_len, batch=batch, q_offset=start_pos, doc_ids=doc_ids,
-                                         block_size=self.cfg.mask_block, device=device)
-            else:
-                masks[kind] = dense_mask(pattern, q_len, kv_len, batch=batch, q_offset=start_pos, doc_ids=doc_ids,
+                masks[kind] = block_mask(pattern, T, T, batch=batch, doc_ids=doc_ids, block_size=self.cfg.mask_block,
                                          device=device)
+            else:
+                masks[kind] = dense_mask(pattern, T, T, batch=batch, doc_ids=doc_ids, device=device)
         return masks
 
-    def forward(self, tokens_BT: Tensor, *, start_pos: int = 0, doc_ids: Tensor | None = None, cache=None) -> Tensor:
-        """tokens (B, T) -> logits (B, T, V). With a cache, the tokens sit at positions start_pos.. of the sequence.
-        doc_ids (B, T), for packed training sequences: each document is attended to, and positioned, on its own."""
+    def forward(self, tokens_BT: Tensor, *, doc_ids: Tensor | None = None, cache=None,
+                logits_at: Tensor | None = None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, V).
+        doc_ids (B, T), for packed training sequences: each document is attended to, and positioned, on its own.
+        cache (cache.Cache): the tokens continue the cached sequences; the cache is read and updated.
+        logits_at (B,): only the logits at this index of each row, (B, 1, V)."""
         B, T = tokens_BT.shape
         device = tokens_BT.device
-        if start_pos + T > self.cfg.max_seq_len:
-            raise UserError(f"{start_pos + T} tokens exceed the model's max_seq_len={self.cfg.max_seq_len}; "
-                            "shorten the input or raise max_seq_len.")
-        if doc_ids is not None:
-            if cache is not None or start_pos:
-                raise UserError("doc_ids are for whole packed training sequences, not for cached generation.")
-            positions = torch.arange(T, device=device) - document_starts(doc_ids)  # (B, T), restart per document
+        if cache is not None:
+            positions, masks = cache.prepare(T, self.flex_for(T, device))  # (T,) or (B, 1)
         else:
-            positions = torch.arange(start_pos, start_pos + T, device=device)  # (T,)
+            if T > self.cfg.max_seq_len:
+                raise UserError(f"{T} tokens exceed the model's max_seq_len={self.cfg.max_seq_len}; shorten the "
+                                "input or raise max_seq_len.")
+            positions = torch.arange(T, device=device)
+            if doc_ids is not None:
+                positions = positions - document_starts(doc_ids)  # (B, T), restart with every document
+            masks = self.masks(T, doc_ids, B, device)
         h = self.tok_embeddings(tokens_BT)  # (B, T, D)
         rope = rope_angles(rope_frequencies(self.cfg, device), positions, h.dtype)
-        masks = self.masks(T, start_pos + T, start_pos, doc_ids, B, device)
         for layer, kind in zip(self.layers, self.cfg.attn):
-            h = layer(h, rope, masks[kind], cache, start_pos)
+            h = layer(h, rope, masks[kind], cache)
+        if cache is not None:
+            cache.advance(T)
+        if logits_at is not None:
+            h = h[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, D)
         return self.output(self.norm(h))  # (B, T, V)
-
-
-class KVCache:
-    """A plain static cache: every layer keeps every key and value. (generate.py's compacted cache keeps less.)"""
-
-    def __init__(self, cfg: Config, batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)  # per layer (B, G, max_len, E)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-
-    def update(self, layer: int, start: int, k_BGTE: Tensor, v_BGTE: Tensor):
-        end = start + k_BGTE.shape[2]
-        self.k[layer, :, :, start:end] = k_BGTE
-        self.v[layer, :, :, start:end] = v_BGTE
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, G, S, E)
 
 
 def build(cfg: Config, state_dict: dict[str, Tensor] | None = None, *, device=None, dtype=None) -> Transformer:

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import longgen
 import weights
 from errors import UserError
-from model import Config, KVCache, RopeScaling, build, preset
+from model import Config, RopeScaling, build, preset
 
 
 def hf_tiny(tmp_path, **overrides):
@@ -63,7 +63,7 @@ def test_greedy_continuation_matches_transformers(smollm2, smollm2_gguf, prompt)
 
     ours, hf = smollm2
     prompt = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name).encode(prompt)
-    mine = list(generate(ours, prompt, 24))
+    mine = [int(t) for t in generate(ours, [prompt], 24)]
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                          pad_token_id=0)[0, len(prompt):].tolist()
     assert mine == theirs
@@ -123,21 +123,6 @@ def test_packed_documents_equal_separate_sequences(sparse):
         packed = model(tokens, doc_ids=doc_ids)
         alone = torch.cat([model(part) for part in tokens.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("sparse", ["sink_window", "strided"])
-def test_cached_steps_equal_full_recompute(sparse):
-    """Prefill in uneven chunks, then one token at a time: the same logits as one pass over everything."""
-    model = tiny_longgen(sparse)
-    tokens = torch.randint(0, 512, (2, 150))
-    cache = KVCache(model.cfg, 2, 150)
-    with torch.no_grad():
-        ref = model(tokens)
-        steps, pos = [], 0
-        for n in [33, 50, 7] + [1] * 60:
-            steps.append(model(tokens[:, pos:pos + n], start_pos=pos, cache=cache))
-            pos += n
-    torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-5, rtol=1e-5)
 
 
 @needs_cuda

@@ -1,0 +1,210 @@
+"""The static, compacted KV cache: each attention kind keeps only what a future query can read.
+
+    full         every position                        slot = position
+    sink_window  the n_sink first tokens + a ring of the last `window` tokens
+    strided      a ring of the last `local_blocks` blocks + every `stride`-th block, kept for good
+
+Every slot records the position it holds (`slot_pos`, -1 = empty) and keys are stored after RoPE, so attention over the
+compacted buffer is the pattern's own mask_mod at (query position, slot position): sinks, rings, kept blocks, padding
+and rows of different lengths are one mechanism, exact by construction. A ring slot left holding an old token is always
+outside the pattern. Buffers are allocated once and padded to multiples of 128 slots.
+
+Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was | the chunk itself], then keeps what
+survives (the last token written to each slot); writing first would evict tokens the chunk's early queries still need.
+Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs.
+
+Legend: B batch, G key/value heads, C slots, T tokens in this call, E head width.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import create_mask
+
+from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid
+
+TILE = 128  # slots are allocated in multiples of this (flex's tile; other lengths crashed flex decoding on an H100)
+
+
+def round_up(n: int, multiple: int = TILE) -> int:
+    return -(-n // multiple) * multiple
+
+
+class KindCache:
+    """The buffers of every layer of one attention kind, and their shared slot table."""
+
+    def __init__(self, pattern: Pattern, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 device, dtype):
+        self.pattern = pattern
+        p = pattern
+        if p.kind == "sink_window":
+            used = min(max_len, p.n_sink + p.window)
+        elif p.kind == "strided":
+            self.ring = p.local_blocks * p.block
+            used = self.ring + (-(-max_len // p.block) // p.stride) * p.block  # ring + the kept blocks below max_len
+        else:
+            used = max_len
+        self.capacity = C = round_up(used)
+        self.k = torch.zeros(n_layers, batch, n_kv_heads, C, head_dim, device=device, dtype=dtype)  # (L, B, G, C, E)
+        self.v = torch.zeros_like(self.k)
+        self.slot_pos = torch.full((batch, C), -1, device=device, dtype=torch.int32)  # (B, C) position in each slot
+        self.mask_mod = pattern.mask_mod(device)
+
+    def slot_of(self, pos: Tensor) -> Tensor:
+        """The slot each position is written to."""
+        p = self.pattern
+        if p.kind == "sink_window":
+            return torch.where(pos < p.n_sink, pos, p.n_sink + (pos - p.n_sink) % p.window)
+        if p.kind == "strided":
+            kb, offset = pos // p.block, pos % p.block
+            kept = (kb + 1) % p.stride == 0
+            return torch.where(kept, self.ring + (kb // p.stride) * p.block, (kb % p.local_blocks) * p.block) + offset
+        return pos
+
+    def allowed(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
+        """Which cached positions the queries may read (any broadcastable shapes)."""
+        return (kv_pos >= 0) & self.mask_mod(None, None, q_pos, kv_pos)
+
+
+class Cache:
+    """KV cache for a batch of sequences of up to max_len tokens each. The model calls prepare() once per forward,
+    update() in every layer, and advance() at the end; generate.py calls start_prefill() and start_decoding()."""
+
+    def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32):
+        self.cfg, self.batch, self.max_len = cfg, batch, max_len
+        self.layer_kind = cfg.attn
+        self.index = [cfg.attn[:i].count(kind) for i, kind in enumerate(cfg.attn)]  # layer -> index within its kind
+        self.kinds = {kind: KindCache(cfg.pattern(kind), cfg.attn.count(kind), batch, max_len, cfg.n_kv_heads,
+                                      cfg.head_dim, device, dtype) for kind in dict.fromkeys(cfg.attn)}
+        self.pos = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) next position of each row
+        self.lengths = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) prompt lengths
+        self.filled, self.decoding = 0, False
+        self._plans: dict[str, object] = {}
+
+    # ---------------------------------------------------------------------------------------------- bookkeeping
+    def start_prefill(self, lengths: Tensor) -> None:
+        """Begin a batch whose prompts (right-padded to one length) have these lengths."""
+        self.lengths.copy_(lengths)
+        for kc in self.kinds.values():
+            kc.slot_pos.fill_(-1)
+        self.filled, self.decoding = 0, False
+
+    def start_decoding(self) -> None:
+        self.pos.copy_(self.lengths)
+        self.decoding = True
+
+    def mark_static(self) -> None:
+        """Tell torch.compile these tensors keep their addresses, so a CUDA graph can update them in place."""
+        for t in (self.pos, self.lengths, *(x for kc in self.kinds.values() for x in (kc.k, kc.v, kc.slot_pos))):
+            torch._dynamo.mark_static_address(t)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of keys and values held, per attention kind."""
+        return {kind: kc.k.nbytes + kc.v.nbytes for kind, kc in self.kinds.items()}
+
+    def full_attention_nbytes(self) -> int:
+        """Bytes of keys and values the same cache would hold with every layer full."""
+        cfg, itemsize = self.cfg, next(iter(self.kinds.values())).k.element_size()
+        return 2 * cfg.n_layers * self.batch * cfg.n_kv_heads * round_up(self.max_len) * cfg.head_dim * itemsize
+
+    # ---------------------------------------------------------------------------------------------- per forward
+    def prepare(self, T: int, use_flex: bool):
+        """Positions of this call's tokens, (T,) or (B, 1), and one attention mask per kind."""
+        return self._prepare_decode() if self.decoding else self._prepare_chunk(T, use_flex)
+
+    def _prepare_decode(self):
+        pos, masks = self.pos, {}
+        rows = torch.arange(self.batch, device=pos.device)
+        for kind, kc in self.kinds.items():
+            slot = kc.slot_of(pos)  # (B,)
+            kc.slot_pos[rows, slot] = pos
+            self._plans[kind] = (rows, slot)
+            masks[kind] = kc.allowed(pos[:, None], kc.slot_pos)[:, None, None, :]  # (B, 1, 1, C)
+        return pos[:, None], masks
+
+    def _prepare_chunk(self, T: int, use_flex: bool):
+        c0, B = self.filled, self.batch
+        device = self.pos.device
+        positions = torch.arange(c0, c0 + T, device=device, dtype=torch.int32)  # (T,)
+        valid = positions[None, :] < self.lengths[:, None]  # (B, T): right padding is never stored
+        masks = {}
+        for kind, kc in self.kinds.items():
+            if kind == "full":  # nothing is evicted: write the chunk, then attend to everything up to it
+                self._plans[kind] = None
+                masks[kind] = None if c0 == 0 else (
+                    block_mask(kc.pattern, T, c0 + T, batch=B, q_offset=c0, block_size=self.cfg.mask_block,
+                               device=device) if use_flex else
+                    dense_mask(kc.pattern, T, c0 + T, batch=B, q_offset=c0, device=device))
+                continue
+            C = kc.capacity
+            slot = torch.where(valid, kc.slot_of(positions)[None, :], C)  # (B, T), C = not stored
+            owner = torch.full((B, C + 1), -1, device=device, dtype=torch.long).scatter_reduce_(
+                1, slot.long(), torch.arange(T, device=device).expand(B, T), "amax")[:, :C]  # (B, C) last writer
+            self._plans[kind] = owner
+            masks[kind] = self._chunk_mask(kc, c0, T, use_flex)
+        return positions, masks
+
+    def _chunk_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
+        """Queries c0 .. c0 + T - 1 against [the cache's C slots | the chunk's T tokens]."""
+        C, B, device = kc.capacity, self.batch, self.pos.device
+        slot_pos = kc.slot_pos  # read by the kernel before advance() updates it
+        c0_t, C_t = (torch.tensor(x, device=device, dtype=torch.int32) for x in (c0, C))
+
+        def chunk_mask(b, h, q, kv):
+            cached = kv < C_t
+            kv_pos = torch.where(cached, slot_pos[b, torch.clamp(kv, max=C - 1)], kv - C_t + c0_t)
+            return kc.allowed(q + c0_t, kv_pos)
+
+        if not use_flex:
+            return create_mask(chunk_mask, B, 1, T, C + T, device)
+        QB = KB = self.cfg.mask_block
+        q_lo, q_hi, q_cut = block_ranges(T, QB, c0, device)  # (NQ,)
+        # cache tiles: the hull of their stored positions, where the pattern could allow anything; never full
+        held = slot_pos.view(B, C // KB, KB)
+        lo = torch.where(held >= 0, held, torch.iinfo(torch.int32).max).amin(-1)  # (B, NC)
+        hi = held.amax(-1)
+        cache_any, _ = kc.pattern.blocks(q_lo[None, :, None], q_hi[None, :, None], lo[:, None, :], hi[:, None, :])
+        cache_any &= (hi >= 0)[:, None, :]  # (B, NQ, NC)
+        # chunk tiles: positions are contiguous, the block rules are exact
+        k_lo, k_hi, k_cut = block_ranges(T, KB, c0, device)
+        any_, all_ = kc.pattern.blocks(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :])
+        all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+        any_ = torch.cat([cache_any, any_.expand(B, -1, -1)], dim=-1)
+        all_ = torch.cat([torch.zeros_like(cache_any), all_.expand(B, -1, -1)], dim=-1)
+        return from_block_grid(any_, all_, chunk_mask, T, C + T, (QB, KB))
+
+    def update(self, layer: int, k_BGTE: Tensor, v_BGTE: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this layer's new keys/values; return the keys/values its queries attend to, (B, G, S, E)."""
+        kind = self.layer_kind[layer]
+        kc, plan = self.kinds[kind], self._plans[kind]
+        K, V = kc.k[self.index[layer]], kc.v[self.index[layer]]  # (B, G, C, E)
+        if self.decoding:
+            rows, slot = plan
+            K[rows, :, slot] = k_BGTE[:, :, 0]
+            V[rows, :, slot] = v_BGTE[:, :, 0]
+            return K, V
+        c0, c1 = self.filled, self.filled + k_BGTE.shape[2]
+        if plan is None:  # full
+            K[:, :, c0:c1], V[:, :, c0:c1] = k_BGTE, v_BGTE
+            return K[:, :, :c1], V[:, :, :c1]
+        keys, values = torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2)  # (B, G, C + T, E)
+        owner = plan  # (B, C)
+        take = owner.clamp(min=0)[:, None, :, None].expand(-1, K.shape[1], -1, K.shape[3])
+        stored = (owner >= 0)[:, None, :, None]
+        K.copy_(torch.where(stored, k_BGTE.gather(2, take), K))
+        V.copy_(torch.where(stored, v_BGTE.gather(2, take), V))
+        return keys, values
+
+    def advance(self, T: int) -> None:
+        """After all layers: move the positions on."""
+        if self.decoding:
+            self.pos += 1
+            return
+        c0 = self.filled
+        for kind, kc in self.kinds.items():
+            owner = self._plans[kind]
+            if owner is None:
+                kc.slot_pos[:, c0:c0 + T] = torch.arange(c0, c0 + T, device=kc.slot_pos.device, dtype=torch.int32)
+            else:
+                kc.slot_pos.copy_(torch.where(owner >= 0, (c0 + owner).to(torch.int32), kc.slot_pos))
+        self.filled += T
