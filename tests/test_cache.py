@@ -2,6 +2,7 @@
 prompt lengths, chunking and ring wrap-around."""
 import pytest
 import torch
+from conftest import needs_cuda
 
 import longgen
 from cache import Cache
@@ -28,10 +29,13 @@ def tiny(layout: str):
 @torch.no_grad()
 def cached_run(model, prompts, n_new, chunk, decode=decode_one):
     """Greedy decoding through the cache; the logits of every step, (B, n_new, V), and the tokens (B, n_new)."""
-    cache = Cache(model.cfg, len(prompts), max(map(len, prompts)) + n_new)
+    device = model.tok_embeddings.weight.device
+    cache = Cache(model.cfg, len(prompts), max(map(len, prompts)) + n_new, device)
+    if decode is not decode_one:
+        cache.mark_static()
     logits, steps = prefill(model, cache, prompts, chunk), []
     for i in range(n_new):
-        steps.append(logits)
+        steps.append(logits.clone())  # a CUDA graph's output is overwritten by its next replay
         if i < n_new - 1:
             logits = decode(model, cache, logits.argmax(-1))
     logits = torch.stack(steps, dim=1)
@@ -41,7 +45,7 @@ def cached_run(model, prompts, n_new, chunk, decode=decode_one):
 @torch.no_grad()
 def recomputed(model, prompt, tokens):
     """Logits after each prefix of prompt + tokens, each from one pass over the whole sequence (no cache)."""
-    seq = torch.tensor([list(prompt) + tokens.tolist()])
+    seq = torch.tensor([list(prompt) + tokens.tolist()], device=model.tok_embeddings.weight.device)
     return model(seq)[0, len(prompt) - 1:-1]
 
 
@@ -116,3 +120,17 @@ def test_generate_stops_at_stop_tokens_and_reports_stats():
     steps = list(generate(model, [prompt], 30, stop_ids={int(first)}, stats=stats))
     assert len(steps) == 1 and torch.equal(steps[0], first)
     assert stats["new_tokens"] == 1 and stats["prompt_tokens"] == 20 and stats["prefill_s"] > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["longgen", "longgen_strided"])
+def test_gpu_flex_prefill_and_cuda_graph_decode_equal_recompute(layout):
+    """On GPU: prefill chunks of >= 128 tokens go through flex with the cache's block masks, decoding through the
+    compiled CUDA-graph step."""
+    model = tiny(layout).cuda()
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (300, 170)]
+    logits, tokens = cached_run(model, prompts, 60, chunk=128, decode=compiled_decode("cuda"))
+    for row, prompt in enumerate(prompts):
+        reference = recomputed(model, prompt, tokens[row].cpu())
+        torch.testing.assert_close(logits[row], reference, atol=2e-4, rtol=2e-4)
