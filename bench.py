@@ -36,9 +36,7 @@ def ceilings() -> dict:
 
 def random_model(cfg):
     """The model with random bf16 weights made on the GPU (no 13 GB host copy)."""
-    with torch.device("cuda"):
-        model = build(cfg)
-    return model.to(torch.bfloat16).eval()
+    return build(cfg, device="cuda", dtype=torch.bfloat16).eval()
 
 
 def decode_ms(model, cache, token, steps: int) -> tuple[float, float]:
@@ -80,7 +78,7 @@ def measure(model, length: int, batch: int, new_tokens: int, chunk: int, copy_GB
     weights = sum(p.nbytes for p in model.parameters())
     if not cfg.tie_embeddings:
         weights -= model.tok_embeddings.weight.nbytes  # the embedding table is looked up (one row), not read whole
-    read = weights + sum(kc.k.nbytes + kc.v.nbytes for kc in cache.kinds.values())  # every slot is read per step
+    read = weights + sum(cache.nbytes().values())  # every slot of every layer is read each step
     roofline_ms = read / copy_GBps / 1e6
     return dict(kv_bytes=kv_bytes, kv_full_bytes=cache.full_attention_nbytes(), prefill_s=prefill_s,
                 decode_ms=ms, decode_compile_s=compile_s, roofline_ms=roofline_ms, roofline_frac=roofline_ms / ms)

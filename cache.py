@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid
 
@@ -45,8 +45,11 @@ class KindCache:
         else:
             used = max_len
         self.capacity = C = round_up(used)
-        self.k = torch.zeros(n_layers, batch, n_kv_heads, C, head_dim, device=device, dtype=dtype)  # (L, B, G, C, E)
-        self.v = torch.zeros_like(self.k)
+        # One tensor per layer, not views of one stack: compiled, an in-place write into a view of a graph input is
+        # not reinplaced, and every layer's one-token write copied the whole stack (10-30x slower decoding on H100).
+        shape = (batch, n_kv_heads, C, head_dim)  # (B, G, C, E)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch, C), -1, device=device, dtype=torch.int32)  # (B, C) position in each slot
         self.mask_mod = pattern.mask_mod(device)
 
@@ -80,6 +83,7 @@ class Cache:
         self.lengths = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) prompt lengths
         self.filled, self.decoding = 0, False
         self._plans: dict[str, object] = {}
+        self._decode_masks: dict[str, BlockMask] = {}
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
     def start_prefill(self, lengths: Tensor) -> None:
@@ -95,32 +99,48 @@ class Cache:
 
     def mark_static(self) -> None:
         """Tell torch.compile these tensors keep their addresses, so a CUDA graph can update them in place."""
-        for t in (self.pos, self.lengths, *(x for kc in self.kinds.values() for x in (kc.k, kc.v, kc.slot_pos))):
+        for t in (self.pos, self.lengths, *(x for kc in self.kinds.values() for x in (*kc.k, *kc.v, kc.slot_pos))):
             torch._dynamo.mark_static_address(t)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of keys and values held, per attention kind."""
-        return {kind: kc.k.nbytes + kc.v.nbytes for kind, kc in self.kinds.items()}
+        return {kind: sum(t.nbytes for t in kc.k + kc.v) for kind, kc in self.kinds.items()}
 
     def full_attention_nbytes(self) -> int:
         """Bytes of keys and values the same cache would hold with every layer full."""
-        cfg, itemsize = self.cfg, next(iter(self.kinds.values())).k.element_size()
+        cfg, itemsize = self.cfg, next(iter(self.kinds.values())).k[0].element_size()
         return 2 * cfg.n_layers * self.batch * cfg.n_kv_heads * round_up(self.max_len) * cfg.head_dim * itemsize
 
     # ---------------------------------------------------------------------------------------------- per forward
     def prepare(self, T: int, use_flex: bool):
         """Positions of this call's tokens, (T,) or (B, 1), and one attention mask per kind."""
-        return self._prepare_decode() if self.decoding else self._prepare_chunk(T, use_flex)
+        return self._prepare_decode(use_flex) if self.decoding else self._prepare_chunk(T, use_flex)
 
-    def _prepare_decode(self):
+    def _prepare_decode(self, use_flex: bool):
         pos, masks = self.pos, {}
         rows = torch.arange(self.batch, device=pos.device)
         for kind, kc in self.kinds.items():
             slot = kc.slot_of(pos)  # (B,)
             kc.slot_pos[rows, slot] = pos
             self._plans[kind] = (rows, slot)
-            masks[kind] = kc.allowed(pos[:, None], kc.slot_pos)[:, None, None, :]  # (B, 1, 1, C)
+            if use_flex:  # flex decoding (split over the keys) with a mask that reads pos and slot_pos as they are
+                masks[kind] = self._decode_block_mask(kind)
+            else:
+                masks[kind] = kc.allowed(pos[:, None], kc.slot_pos)[:, None, None, :]  # (B, 1, 1, C)
         return pos[:, None], masks
+
+    def _decode_block_mask(self, kind: str) -> BlockMask:
+        """One query per row against every slot, all tiles partial: built once, valid for every step (its mask_mod
+        reads the live pos and slot_pos tensors), so a CUDA graph can replay it."""
+        if kind not in self._decode_masks:
+            kc, pos, B = self.kinds[kind], self.pos, self.batch
+            n_tiles = kc.capacity // TILE
+            num = torch.full((B, 1, 1), n_tiles, device=pos.device, dtype=torch.int32)
+            idx = torch.arange(n_tiles, device=pos.device, dtype=torch.int32).expand(B, 1, 1, n_tiles).contiguous()
+            self._decode_masks[kind] = BlockMask.from_kv_blocks(
+                num, idx, BLOCK_SIZE=TILE, mask_mod=lambda b, h, q, kv: kc.allowed(pos[b], kc.slot_pos[b, kv]),
+                seq_lengths=(1, kc.capacity))
+        return self._decode_masks[kind]
 
     def _prepare_chunk(self, T: int, use_flex: bool):
         c0, B = self.filled, self.batch

@@ -236,12 +236,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.use_flex: bool | None = None  # None: decided per call by flex_for()
 
-    def flex_for(self, T: int, device) -> bool:
-        """Flex runs on GPU for calls of at least one mask tile; shorter ones (decoding) take SDPA with a small dense
-        (T, S) mask. `use_flex` overrides."""
+    def flex_for(self, T: int, device, decoding: bool = False) -> bool:
+        """Flex runs on GPU for decoding steps and for calls of at least one mask tile; short prefill chunks take
+        SDPA with a small dense (T, S) mask, and so does the CPU, where flex has no backward. `use_flex` overrides."""
         if self.use_flex is not None:
             return self.use_flex
-        return torch.device(device).type == "cuda" and T >= self.cfg.mask_block
+        return torch.device(device).type == "cuda" and (decoding or T >= self.cfg.mask_block)
 
     def masks(self, T: int, doc_ids=None, batch: int = 1, device=None) -> dict:
         """One mask per attention kind, for a whole sequence of T tokens, shared by every layer of that kind."""
@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         B, T = tokens_BT.shape
         device = tokens_BT.device
         if cache is not None:
-            positions, masks = cache.prepare(T, self.flex_for(T, device))  # (T,) or (B, 1)
+            positions, masks = cache.prepare(T, self.flex_for(T, device, cache.decoding))  # (T,) or (B, 1)
         else:
             if T > self.cfg.max_seq_len:
                 raise UserError(f"{T} tokens exceed the model's max_seq_len={self.cfg.max_seq_len}; shorten the "
@@ -287,21 +287,20 @@ class Transformer(nn.Module):
 
 
 def build(cfg: Config, state_dict: dict[str, Tensor] | None = None, *, device=None, dtype=None) -> Transformer:
-    """Make the model on the meta device and load the weights by assignment (no copy, no double memory).
-    Without weights it is randomly initialised (for training from scratch and tests)."""
+    """Make the model on the meta device, then load the weights by assignment (no copy, no double memory). Without
+    weights it is randomly initialised, directly on `device` in `dtype` (for training from scratch and tests)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
     if state_dict is None:
-        with torch.device(device or "cpu"):
-            model = Transformer(cfg)
+        model = model.to(dtype=dtype or torch.float32).to_empty(device=device or "cpu")
         init_weights(model)
     else:
-        with torch.device("meta"):
-            model = Transformer(cfg)
         state_dict = dict(state_dict)
         if cfg.tie_embeddings:
             state_dict.setdefault("output.weight", state_dict["tok_embeddings.weight"])
         model.load_state_dict(state_dict, assign=True, strict=True)
-        if cfg.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight  # assignment untied them
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # assignment and to_empty untie them
     return model.to(device=device, dtype=dtype)
 
 
