@@ -96,6 +96,8 @@ class Cache:
     def start_decoding(self) -> None:
         self.pos.copy_(self.lengths)
         self.decoding = True
+        if self.pos.device.type == "cuda":  # made here, outside any compiled step (a CUDA graph would own them)
+            self._decode_masks = {kind: self._decode_block_mask(kind) for kind in self.kinds}
 
     def mark_static(self) -> None:
         """Tell torch.compile these tensors keep their addresses, so a CUDA graph can update them in place."""
@@ -120,27 +122,22 @@ class Cache:
         pos, masks = self.pos, {}
         rows = torch.arange(self.batch, device=pos.device)
         for kind, kc in self.kinds.items():
-            slot = kc.slot_of(pos)  # (B,)
-            kc.slot_pos[rows, slot] = pos
-            self._plans[kind] = (rows, slot)
+            kc.slot_pos[rows, kc.slot_of(pos)] = pos
             if use_flex:  # flex decoding (split over the keys) with a mask that reads pos and slot_pos as they are
-                masks[kind] = self._decode_block_mask(kind)
+                masks[kind] = self._decode_masks.get(kind) or self._decode_block_mask(kind)
             else:
                 masks[kind] = kc.allowed(pos[:, None], kc.slot_pos)[:, None, None, :]  # (B, 1, 1, C)
         return pos[:, None], masks
 
     def _decode_block_mask(self, kind: str) -> BlockMask:
-        """One query per row against every slot, all tiles partial: built once, valid for every step (its mask_mod
-        reads the live pos and slot_pos tensors), so a CUDA graph can replay it."""
-        if kind not in self._decode_masks:
-            kc, pos, B = self.kinds[kind], self.pos, self.batch
-            n_tiles = kc.capacity // TILE
-            num = torch.full((B, 1, 1), n_tiles, device=pos.device, dtype=torch.int32)
-            idx = torch.arange(n_tiles, device=pos.device, dtype=torch.int32).expand(B, 1, 1, n_tiles).contiguous()
-            self._decode_masks[kind] = BlockMask.from_kv_blocks(
-                num, idx, BLOCK_SIZE=TILE, mask_mod=lambda b, h, q, kv: kc.allowed(pos[b], kc.slot_pos[b, kv]),
-                seq_lengths=(1, kc.capacity))
-        return self._decode_masks[kind]
+        """One query per row against every slot, all tiles partial. Valid for every step, since its mask_mod reads
+        the live pos and slot_pos tensors, so a CUDA graph can replay it."""
+        kc, pos, B = self.kinds[kind], self.pos, self.batch
+        n_tiles = kc.capacity // TILE
+        num = torch.full((B, 1, 1), n_tiles, device=pos.device, dtype=torch.int32)
+        idx = torch.arange(n_tiles, device=pos.device, dtype=torch.int32).expand(B, 1, 1, n_tiles).contiguous()
+        return BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=TILE, seq_lengths=(1, kc.capacity),
+                                        mask_mod=lambda b, h, q, kv: kc.allowed(pos[b], kc.slot_pos[b, kv]))
 
     def _prepare_chunk(self, T: int, use_flex: bool):
         c0, B = self.filled, self.batch
@@ -196,13 +193,14 @@ class Cache:
     def update(self, layer: int, k_BGTE: Tensor, v_BGTE: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new keys/values; return the keys/values its queries attend to, (B, G, S, E)."""
         kind = self.layer_kind[layer]
-        kc, plan = self.kinds[kind], self._plans[kind]
+        kc = self.kinds[kind]
         K, V = kc.k[self.index[layer]], kc.v[self.index[layer]]  # (B, G, C, E)
         if self.decoding:
-            rows, slot = plan
+            rows, slot = torch.arange(self.batch, device=K.device), kc.slot_of(self.pos)  # (B,), (B,)
             K[rows, :, slot] = k_BGTE[:, :, 0]
             V[rows, :, slot] = v_BGTE[:, :, 0]
             return K, V
+        plan = self._plans[kind]
         c0, c1 = self.filled, self.filled + k_BGTE.shape[2]
         if plan is None:  # full
             K[:, :, c0:c1], V[:, :, c0:c1] = k_BGTE, v_BGTE
