@@ -156,15 +156,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-_compiled_flex = None
+# One compiled flex serves every mask: parameters are tensors, so new masks do not recompile, and a second sequence
+# length makes lengths dynamic. Each attention kind, key layout and grad mode is still a graph of its own: allow them,
+# and fail loudly past that instead of silently running flex unfused (which asked for 512 GiB at 128K, GPU.md).
+# Made at import: torch.compile is lazy, and a wrapper first made while dynamo traces a caller would run eagerly.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+_compiled_flex = torch.compile(flex_attention)
 
 
 def flex(q, k, v, block_mask: BlockMask):
-    """Compiled FlexAttention (uncompiled flex materialises the full score matrix). Compiled once and reused: mask
-    parameters are tensors, so new masks do not recompile, and a second sequence length makes lengths dynamic."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
+    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix)."""
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
