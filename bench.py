@@ -84,6 +84,22 @@ def measure(model, length: int, batch: int, new_tokens: int, chunk: int, copy_GB
                 decode_ms=ms, decode_compile_s=compile_s, roofline_ms=roofline_ms, roofline_frac=roofline_ms / ms)
 
 
+def profile_decode(model, length: int, batch: int, new_tokens: int, chunk: int) -> None:
+    cache = Cache(model.cfg, batch, length + new_tokens, "cuda", torch.bfloat16)
+    cache.mark_static()
+    with torch.inference_mode():
+        token = prefill(model, cache, torch.randint(0, 1000, (batch, length)).tolist(), chunk).argmax(-1)
+        decode = compiled_decode("cuda")
+        for _ in range(3):
+            token = decode(model, cache, token).argmax(-1)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                token = decode(model, cache, token).argmax(-1)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4096,32768", help="context lengths (prompt tokens)")
@@ -93,6 +109,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps to reserve and time")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, as generate.py --chunk")
     p.add_argument("--json", help="write all numbers here")
+    p.add_argument("--profile", action="store_true", help="instead: profile 20 decode steps of the first layout and "
+                                                         "length, and print the top kernels")
     args = p.parse_args()
     torch._dynamo.config.recompile_limit = 64  # one decode compile per (layout, length), all measured
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -102,6 +120,8 @@ def main():
           flush=True)
     base = preset("llama-2-7b", n_layers=args.layers, max_seq_len=max(lengths) + args.new_tokens)
     model = random_model(base)
+    if args.profile:
+        return profile_decode(model, lengths[0], args.batch, args.new_tokens, args.chunk)
     layouts = {"full": base, **{f"longgen {v}": longgen.convert(base, sparse=v) for v in args.variant.split(",")}}
     for length in lengths:
         for name, cfg in layouts.items():
