@@ -184,16 +184,17 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        # q, k and v in one matrix: decoding reads it in one large product instead of three small ones (faster)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x_BTD, rope, mask, cache=None):
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, E)
+        H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x_BTD).split([H * E, G * E, G * E], dim=-1)
+        q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+        v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
@@ -204,12 +205,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate and up in one matrix
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

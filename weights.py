@@ -92,6 +92,18 @@ def read_checkpoint(path) -> tuple[Config, dict[str, torch.Tensor]]:
 GGUF_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
               "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
               "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}
+# model.py keeps q, k, v in one matrix (wqkv) and gate, up in another (w13); the readers fuse them.
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
+def fuse(state_dict: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Per-projection weights (wq, wk, wv, w1, w3) -> model.py's fused wqkv and w13."""
+    for i in range(n_layers):
+        for fused, parts in FUSED.items():
+            state_dict[f"layers.{i}.{fused}.weight"] = torch.cat(
+                [state_dict.pop(f"layers.{i}.{part}.weight") for part in parts])
+    return state_dict
 
 
 def open_gguf(path) -> GGUFReader:
@@ -138,7 +150,7 @@ def read_gguf(path_or_reader) -> tuple[Config, dict[str, torch.Tensor]]:
         else:
             name = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}[part] + ".weight"
         state_dict[name] = w
-    return cfg, state_dict
+    return cfg, fuse(state_dict, cfg.n_layers)
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -189,7 +201,7 @@ def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     state_dict = {k: v for k, v in state_dict.items() if k is not None}
     if cfg.tie_embeddings:
         state_dict.pop("output.weight", None)
-    return cfg, state_dict
+    return cfg, fuse(state_dict, cfg.n_layers)
 
 
 def _hf_to_ours(name: str) -> str | None:

@@ -27,7 +27,8 @@ def test_sharded_hf_checkpoint_loads_every_tensor(hf_dir):
     cfg, state_dict = weights.read_checkpoint(directory)
     assert cfg.n_kv_heads == 2 and cfg.vocab_size == 300
     theirs = hf.state_dict()
-    assert torch.equal(state_dict["layers.1.attention.wk.weight"], theirs["model.layers.1.self_attn.k_proj.weight"])
+    wq, wk, wv = (theirs[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+    assert torch.equal(state_dict["layers.1.attention.wqkv.weight"], torch.cat([wq, wk, wv]))
     assert torch.equal(state_dict["output.weight"], theirs["lm_head.weight"])
     assert set(state_dict) == set(build(cfg).state_dict())
 
