@@ -100,8 +100,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     sync()
     if stats is not None:
         stats.update(prompt_tokens=sum(map(len, prompts)), new_tokens=steps * len(prompts), prefill_s=t1 - t0,
-                     decode_s=time.perf_counter() - t1, kv_bytes=sum(cache.nbytes().values()),
-                     kv_full_bytes=cache.full_attention_nbytes())
+                     decode_s=time.perf_counter() - t1, kv_bytes_by_kind=cache.nbytes(),
+                     kv_bytes=sum(cache.nbytes().values()), kv_full_bytes=cache.full_attention_nbytes())
 
 
 def generate_text(model, tok, prompts: list[str], max_new_tokens: int, **kwargs) -> list[str]:
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     generator = torch.Generator(args.device).manual_seed(args.seed)
     decode = compiled_decode(args.device) if args.compile else decode_one
     stats, stream = {}, StreamDecoder(tok)
-    if not args.chat:
+    if args.prompt is not None and not args.chat:  # a continuation reads best after its prompt (not a whole file)
         print(text, end="", flush=True)
     for step in generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_ids=tok.stop_ids, chunk=args.chunk, decode=decode,
@@ -208,11 +208,11 @@ def main(argv=None) -> None:
 
 
 def stats_line(model: Transformer, stats: dict) -> str:
-    kinds = ", ".join(f"{model.cfg.attn.count(k)} {k}" for k in dict.fromkeys(model.cfg.attn))
+    kinds = ", ".join(f"{model.cfg.attn.count(k)} {k} {human_bytes(n)}" for k, n in stats["kv_bytes_by_kind"].items())
     saved = 1 - stats["kv_bytes"] / stats["kv_full_bytes"]
     return (f"[{stats['prompt_tokens']} prompt tokens at {stats['prompt_tokens'] / stats['prefill_s']:.0f} tok/s, "
             f"{stats['new_tokens']} new at {stats['new_tokens'] / max(stats['decode_s'], 1e-9):.1f} tok/s; "
-            f"layers: {kinds}; KV cache {human_bytes(stats['kv_bytes'])} (full attention would need "
+            f"KV cache {human_bytes(stats['kv_bytes'])} ({kinds}; full attention would need "
             f"{human_bytes(stats['kv_full_bytes'])}, -{100 * saved:.0f}%)]")
 
 

@@ -26,7 +26,7 @@ def test_chat_with_longgen_layout_streams_an_answer():
                "--max-new-tokens", "12")
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and "<|im_end|>" not in done.stdout
-    assert "20 strided, 10 full" in done.stderr
+    assert "20 strided" in done.stderr and "10 full" in done.stderr
 
 
 @pytest.mark.parametrize("args, message", [
