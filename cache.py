@@ -96,8 +96,8 @@ class Cache:
     def start_decoding(self) -> None:
         self.pos.copy_(self.lengths)
         self.decoding = True
-        if self.pos.device.type == "cuda":  # made here, outside any compiled step (a CUDA graph would own them)
-            self._decode_masks = {kind: self._decode_block_mask(kind) for kind in self.kinds}
+        # flex decoding's masks, made here outside any compiled step (a CUDA graph would own tensors made inside)
+        self._decode_masks = {kind: self._decode_block_mask(kind) for kind in self.kinds}
 
     def mark_static(self) -> None:
         """Tell torch.compile these tensors keep their addresses, so a CUDA graph can update them in place."""
@@ -124,7 +124,7 @@ class Cache:
         for kind, kc in self.kinds.items():
             kc.slot_pos[rows, kc.slot_of(pos)] = pos
             if use_flex:  # flex decoding (split over the keys) with a mask that reads pos and slot_pos as they are
-                masks[kind] = self._decode_masks.get(kind) or self._decode_block_mask(kind)
+                masks[kind] = self._decode_masks[kind]
             else:
                 masks[kind] = kc.allowed(pos[:, None], kc.slot_pos)[:, None, None, :]  # (B, 1, 1, C)
         return pos[:, None], masks
