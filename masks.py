@@ -170,6 +170,18 @@ class Pattern:
             return strided(self.block, self.local_blocks, self.stride, device)
         return causal()
 
+    def pairs(self, n: int) -> int:
+        """How many (query, key) pairs the pattern allows in a sequence of n tokens (the attention work to count)."""
+        q = torch.arange(n, dtype=torch.int64)
+        if self.kind == "sink_window":
+            keys = torch.clamp(q + 1, max=self.window) + torch.clamp(q + 1 - self.window, min=0, max=self.n_sink)
+        elif self.kind == "strided":
+            first_local = torch.clamp(q // self.block - self.local_blocks + 1, min=0)  # earliest local block
+            keys = q - first_local * self.block + 1 + (first_local // self.stride) * self.block  # local + kept blocks
+        else:
+            keys = q + 1
+        return int(keys.sum())
+
     def blocks(self, q_lo, q_hi, k_lo, k_hi):
         if self.kind == "sink_window":
             return sink_window_blocks(q_lo, q_hi, k_lo, k_hi, self.n_sink, self.window)

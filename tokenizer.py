@@ -83,6 +83,15 @@ class Tokenizer:
                     ids += self._enc._encode_single_piece(kept)  # BPE only, no second split
         return ids
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text, without BOS: special-token strings in it are tokenised like any other
+        text (a training corpus must not inject control tokens); bytes with no token are dropped, as in `encode`."""
+        data = text.encode("utf-8", "surrogatepass")
+        if len(data.translate(None, self._missing)) == len(data):  # every byte has a token: all tiktoken
+            return self._enc.encode_ordinary(text)
+        return [i for piece in self._split.findall(text) if (kept := piece.encode().translate(None, self._missing))
+                for i in self._enc._encode_single_piece(kept)]
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes the tokens stand for, joined; a special token stands for its text."""
         return self._enc.decode_bytes([int(i) for i in ids])

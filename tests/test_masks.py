@@ -33,6 +33,12 @@ def test_mask_mod_is_the_stated_inequality(pattern, n, q_offset):
     assert torch.equal(mask, expected)
 
 
+@settings(max_examples=60, deadline=None)
+@given(pattern=patterns, n=st.integers(1, 300))
+def test_pairs_counts_the_allowed_pairs(pattern, n):
+    assert pattern.pairs(n) == int(dense_mask(pattern, n, n).sum())
+
+
 @settings(max_examples=150, deadline=None)
 @given(pattern=patterns, q_len=st.integers(1, 300), q_offset=st.integers(0, 200), bs=block_sizes,
        use_offset=st.booleans())

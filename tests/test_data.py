@@ -1,0 +1,269 @@
+"""data.py: reading and caching corpora, and the packed, upsampled, resumable stream; Tokenizer.encode_ordinary."""
+import functools
+import json
+
+import numpy as np
+import pytest
+
+import tokenizer as tokenizers
+from data import DataConfig, PackedStream, load_documents
+from errors import UserError
+
+BOS, EOS = 1, 2  # prefix and suffix in the synthetic streams; document tokens are >= 10
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_gguf):
+    return tokenizers.load(smollm2_gguf)
+
+
+def synthetic(lengths_by_source: dict[str, list[int]]) -> dict[str, list[np.ndarray]]:
+    """Documents whose tokens say who they are: document k (numbered across sources) is 10 + 1000 k + (0, 1, ...)."""
+    docs, k = {}, 0
+    for name, lengths in lengths_by_source.items():
+        docs[name] = []
+        for n in lengths:
+            docs[name].append(np.arange(10 + 1000 * k, 10 + 1000 * k + n, dtype=np.uint32))
+            k += 1
+    return docs
+
+
+def batches(stream: PackedStream, n: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [tuple(t.numpy() for t in stream.next_batch(batch_size)) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ encode_ordinary
+def test_encode_ordinary_reads_special_tokens_as_text(tok):
+    text = "Hello <|endoftext|> world<|im_start|>"
+    ids = tok.encode_ordinary(text)
+    assert {tok._special["<|endoftext|>"], tok._special["<|im_start|>"]} <= set(tok.encode(text))  # encode: special
+    assert not set(ids) & set(tok._special.values())  # no special id, BOS included
+    assert tok.decode(ids) == text
+
+
+def test_encode_ordinary_drops_bytes_without_token_as_encode_does(tok):
+    text = "a,\x04,b \x06 x\U00040000y"  # \x04, \x06 and the lead byte of U+40000 have no token in SmolLM2
+    assert tok.encode_ordinary(text) == tok.encode(text, add_bos=False)
+    assert tok.decode(tok.encode_ordinary(text + "<|im_end|>")).endswith("<|im_end|>")
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def test_windows_are_the_joined_wrapped_documents():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, 100).tolist()
+    lengths[-1] += -(sum(lengths) + 2 * 100) % 51  # the epoch fills its windows exactly: none of it is dropped
+    docs = synthetic({"a": lengths[:40], "b": lengths[40:]})
+    by_first = {int(d[0]): d for ds in docs.values() for d in ds}
+    stream = PackedStream(docs, 50, seed=3, prefix=[BOS], suffix=[EOS])
+    orders = []
+    for epoch in range(2):
+        n_windows = stream.stats()["windows_in_epoch"]
+        tokens, doc_ids = (np.concatenate(x).ravel() for x in zip(*batches(stream, n_windows, 1)))  # (n * 51,)
+        assert stream.stats()["epoch"] == epoch + 1  # it read exactly this epoch
+        windows, ids = tokens.reshape(n_windows, 51), doc_ids.reshape(n_windows, 51)
+        assert (ids[:, 0] == 0).all() and set(np.diff(ids, axis=1).ravel()) <= {0, 1}  # from 0, non-decreasing
+        assert ((np.diff(ids, axis=1) == 1) == (windows[:, 1:] == BOS)).all()  # a new number exactly at a doc start
+        starts = [*np.flatnonzero(tokens == BOS), len(tokens)]
+        assert starts[0] == 0
+        orders.append([])
+        for lo, hi in zip(starts[:-1], starts[1:]):  # the stream is whole wrapped documents, one after another
+            d = by_first[int(tokens[lo + 1])]
+            assert tokens[lo:hi].tolist() == [BOS, *d.tolist(), EOS]
+            orders[-1].append(int(d[0]))
+        assert sorted(orders[-1]) == sorted(by_first)  # upsample 1: each document once an epoch
+    assert sorted(by_first) != orders[0] != orders[1]  # shuffled, anew each epoch
+
+
+def test_same_seed_same_stream_other_seed_other_stream():
+    docs = synthetic({"a": [37, 5, 300, 80, 12] * 10})
+    first, again, other = (batches(PackedStream(docs, 64, seed=s, prefix=[BOS]), 5, 2) for s in (7, 7, 8))
+    assert all((x == y).all() for bx, by in zip(first, again) for x, y in zip(bx, by))
+    assert not all((x[0] == y[0]).all() for x, y in zip(first, other))
+
+
+def test_ranks_split_the_one_rank_stream():
+    docs = synthetic({"a": [37, 5, 300, 80, 12] * 6, "b": [500, 3]})
+    one = batches(PackedStream(docs, 31, seed=1, prefix=[BOS], suffix=[EOS]), 20, 6)
+    ranks = [PackedStream(docs, 31, seed=1, prefix=[BOS], suffix=[EOS], rank=r, world_size=2) for r in range(2)]
+    for tokens, doc_ids in one:  # 20 steps of 6 windows: several epochs of ~74 windows
+        r0, r1 = (s.next_batch(3) for s in ranks)
+        assert (tokens[0::2] == r0[0].numpy()).all() and (tokens[1::2] == r1[0].numpy()).all()
+        assert (doc_ids[0::2] == r0[1].numpy()).all() and (doc_ids[1::2] == r1[1].numpy()).all()
+        assert ranks[0].state_dict() == ranks[1].state_dict()
+    assert ranks[0].stats()["epoch"] >= 1
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_resume_gives_the_same_windows(world_size):
+    docs = synthetic({"a": [37, 5, 300, 80, 12] * 4, "b": [900, 40, 2000]})
+    make = functools.partial(PackedStream, docs, 63, seed=5, upsample_long=3, long_doc_tokens=500, prefix=[BOS],
+                             world_size=world_size)
+    for rank in range(world_size):
+        straight = make(rank=rank)
+        batches(straight, 7, 4)  # run a while, save, go on
+        state = json.loads(json.dumps(straight.state_dict()))
+        epoch = straight.stats()["epoch"]
+        expected = batches(straight, 12, 4)
+        assert straight.stats()["epoch"] > epoch  # the continuation crosses an epoch boundary
+        resumed = make(rank=rank)
+        resumed.load_state_dict(state)  # no replay: the position is computed
+        for (tokens, doc_ids), (t, d) in zip(expected, batches(resumed, 12, 4), strict=True):
+            assert (t == tokens).all() and (d == doc_ids).all()
+
+
+def test_resume_as_more_ranks_continues_the_stream():
+    docs = synthetic({"a": [37, 5, 300, 80, 12] * 4})
+    one = PackedStream(docs, 63, seed=2)
+    batches(one, 3, 2)
+    state = one.state_dict()
+    expected = np.concatenate([t for t, _ in batches(one, 5, 4)])  # (20, 64)
+    ranks = [PackedStream(docs, 63, seed=2, rank=r, world_size=2) for r in range(2)]
+    for s in ranks:
+        s.load_state_dict(state)
+    got = [np.concatenate([t for t, _ in batches(s, 5, 2)]) for s in ranks]
+    assert (expected[0::2] == got[0]).all() and (expected[1::2] == got[1]).all()
+
+
+# ------------------------------------------------------------------------------------------------ the data mix
+def drawn_tokens(stream: PackedStream, epochs: int, first_docs: list[int]) -> np.ndarray:
+    """Tokens the stream gives in `epochs` epochs from each group of synthetic documents: first_docs[i] to
+    first_docs[i + 1] - 1."""
+    counts = 0
+    while stream.stats()["epoch"] < epochs:
+        counts += np.histogram(stream.next_batch(8)[0].numpy(), [10 + 1000 * k for k in first_docs])[0]
+    return counts
+
+
+def test_upsampling_raises_the_long_share_and_keeps_the_domain_mix():
+    # prose: 20,000 tokens in 200 short documents and 20,000 in 20 long ones; code: 20,000 short tokens
+    docs = synthetic({"prose": [100] * 200 + [1000] * 20, "code": [100] * 200})
+    groups = [0, 200, 220, 420]  # prose short, prose long, code
+
+    stream = PackedStream(docs, 255, seed=0, upsample_long=5, long_doc_tokens=1000)
+    short, long, code = drawn_tokens(stream, 6, groups)
+    assert long / (short + long) == pytest.approx(5 / 6, abs=0.03)  # 1/2 of prose in the corpus, 5/6 drawn
+    assert (short + long) / (short + long + code) == pytest.approx(2 / 3, abs=0.03)  # the domain mix is kept
+    stats = PackedStream(docs, 255, upsample_long=5, long_doc_tokens=1000).stats()["sources"]
+    assert stats["prose"]["long_share_corpus"] == 0.5 and stats["prose"]["long_docs"] == 20
+    assert stats["prose"]["long_share_drawn"] == pytest.approx(5 / 6, abs=0.06)
+    assert stats["code"]["drawn_share"] == pytest.approx(1 / 3, abs=0.04)
+
+    plain = PackedStream(docs, 255, seed=0)  # no upsampling: every document once an epoch, shares as in the corpus
+    assert all(s["drawn_tokens"] == s["corpus_tokens"] for s in plain.stats()["sources"].values())
+    short, long, code = drawn_tokens(plain, 1, groups)
+    assert long / (short + long) == pytest.approx(1 / 2, abs=0.02)
+
+    # interleaved: the first tenth of an epoch already has the mix (source after source would give 0 or 1)
+    stream = PackedStream(docs, 255, seed=1)
+    first_tenth = stream.next_batch(23)[0].numpy()
+    assert (first_tenth >= 10 + 1000 * 220).mean() == pytest.approx(1 / 3, abs=0.12)
+
+
+# ------------------------------------------------------------------------------------------------ reading corpora
+TEXTS = ["Call me Ishmael. <|endoftext|> Some years ago", "It is a truth universally acknowledged,", "x = [1, 2, 3]\n",
+         "Émile a écrit « bonjour »", "line one\u2028still the same record"]
+
+
+def write_corpus(root):
+    (root / "books" / "more").mkdir(parents=True)
+    (root / "books" / "a.txt").write_text(TEXTS[0], encoding="utf-8")
+    (root / "books" / "more" / "b.md").write_text(TEXTS[1], encoding="utf-8")
+    (root / "books" / "skip.csv").write_text("not read")
+    lines = (json.dumps({"text": t, "id": i}, ensure_ascii=False) for i, t in enumerate(TEXTS[2:]))  # raw U+2028
+    (root / "code.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    (root / "arr.json").write_text(json.dumps([{"content": t} for t in TEXTS[3:]]), encoding="utf-8")
+    return root
+
+
+class Counting:
+    """The tokenizer, counting the documents it encodes."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def encode_ordinary(self, text):
+        self.calls += 1
+        return self.tok.encode_ordinary(text)
+
+
+def test_load_documents_reads_txt_md_jsonl_json(tok, tmp_path):
+    root = write_corpus(tmp_path / "corpus")
+    cfg = DataConfig(paths=[str(root / "books"), str(root / "code.jsonl")], cache_dir=str(tmp_path / "cache"))
+    docs = load_documents(cfg, tok)
+    assert {name: [tok.decode(d) for d in ds] for name, ds in docs.items()} == \
+        {"books": TEXTS[:2], "code": TEXTS[2:]}  # directories recursively, sorted; special strings stay text
+    assert all(d.dtype == np.uint32 for ds in docs.values() for d in ds)
+    cfg = DataConfig(paths=[str(root / "arr.json")], text_field="content", cache_dir=str(tmp_path / "cache"))
+    assert [tok.decode(d) for d in load_documents(cfg, tok)["arr"]] == TEXTS[3:]
+
+
+def test_load_documents_reads_parquet(tok, tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"content": TEXTS[:3], "n": [1, 2, 3]}), tmp_path / "web.parquet")
+    cfg = DataConfig(paths=[str(tmp_path / "web.parquet")], text_field="content", cache_dir=str(tmp_path / "cache"))
+    assert [tok.decode(d) for d in load_documents(cfg, tok)["web"]] == TEXTS[:3]
+    with pytest.raises(UserError, match="no column 'text'"):
+        load_documents(DataConfig(paths=cfg.paths, cache_dir=cfg.cache_dir), tok)
+
+
+def test_cache_is_used_and_invalidated(tok, tmp_path):
+    root = write_corpus(tmp_path / "corpus")
+    cfg = DataConfig(paths=[str(root / "books"), str(root / "code.jsonl")], cache_dir=str(tmp_path / "cache"))
+    first = load_documents(cfg, counting := Counting(tok))
+    assert counting.calls == 5
+    again = load_documents(cfg, counting := Counting(tok))
+    assert counting.calls == 0  # all from the cache
+    assert all((x == y).all() for n in first for x, y in zip(first[n], again[n]))
+    assert not list((tmp_path / "cache").glob("*.tmp")) and len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    (root / "books" / "a.txt").write_text("A new beginning.")
+    changed = load_documents(cfg, counting := Counting(tok))
+    assert counting.calls == 1 and tok.decode(changed["books"][0]) == "A new beginning."
+    other = tokenizers.Tokenizer(tok._ranks, {}, tokenizers.GPT2)  # another tokenizer: its own cache entries
+    load_documents(cfg, counting := Counting(other))
+    assert counting.calls == 5
+
+
+def test_eval_split_is_disjoint_and_stable(tok, tmp_path):
+    texts = [f"Document number {i}: " + "words " * (i % 7) for i in range(60)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    cfg = DataConfig(paths=[str(tmp_path / "docs.jsonl")], eval_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    train, held = ([tok.decode(d) for d in load_documents(cfg, tok, split)["docs"]] for split in ("train", "eval"))
+    assert not set(train) & set(held) and sorted(train + held) == sorted(texts)
+    assert 8 <= len(held) <= 30
+    cfg.eval_fraction = 0.5  # a larger share only adds documents to eval
+    assert set(held) <= {tok.decode(d) for d in load_documents(cfg, tok, "eval")["docs"]}
+
+
+# ------------------------------------------------------------------------------------------------ user errors
+def test_bad_input_raises_user_error(tok, tmp_path):
+    root = write_corpus(tmp_path / "corpus")
+    (root / "empty").mkdir()
+    (root / "blank.txt").write_text("")
+    (root / "bad.jsonl").write_text('{"text": "fine"}\n{"text": ')
+    (root / "nofield.jsonl").write_text('{"text": "fine"}\n{"body": "x"}\n')
+    (root / "other" / "books").mkdir(parents=True)
+    (root / "other" / "books" / "c.txt").write_text("c")
+    cache = str(tmp_path / "cache")
+    bad = {"does not exist": [str(root / "missing")], "holds no": [str(root / "empty")],
+           "is not a": [str(root / "books" / "skip.csv")], "holds no text": [str(root / "blank.txt")],
+           "line 2 is not valid JSON": [str(root / "bad.jsonl")], "Record 1": [str(root / "nofield.jsonl")],
+           "named 'books'": [str(root / "books"), str(root / "other/books")],
+           "No data": []}
+    for message, paths in bad.items():
+        with pytest.raises(UserError, match=message):
+            load_documents(DataConfig(paths=paths, cache_dir=cache), tok)
+    with pytest.raises(UserError, match="no eval split"):
+        load_documents(DataConfig(paths=[str(root / "books")], cache_dir=cache), tok, "eval")
+    docs = synthetic({"a": [30, 40]})
+    for kwargs in (dict(seq_len=0), dict(seq_len=8, rank=2, world_size=2), dict(seq_len=8, upsample_long=0),
+                   dict(seq_len=200)):
+        with pytest.raises(UserError):
+            PackedStream(docs, **kwargs)
+    stream = PackedStream(docs, 8)
+    with pytest.raises(UserError, match="batch_size"):
+        stream.next_batch(0)
+    with pytest.raises(UserError, match="other documents or stream settings"):
+        PackedStream(docs, 9).load_state_dict(stream.state_dict())

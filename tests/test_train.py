@@ -1,0 +1,104 @@
+"""train.py on CPUs: two processes (gloo) of the tiny config on a small corpus."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import longgen
+from conftest import ROOT
+
+WORDS = "the long context of a story unfolds over many chapters and every chapter remembers the first one".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two sources of plain-text documents, some long enough to be upsampled."""
+    root = tmp_path_factory.mktemp("corpus")
+    for source, n_docs in (("novels", 12), ("manuals", 20)):
+        (root / source).mkdir()
+        for i in range(n_docs):
+            n_words = 40 + (i * 37) % 300
+            text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n_words))
+            (root / source / f"doc{i:02d}.txt").write_text(f"Document {i} of {source}. {text}\n")
+    return root
+
+
+def train(out, corpus, *args, nproc=2, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           "--config", "configs/tiny.yaml", f"out_dir={out}",
+           f"data.paths=[{corpus / 'novels'},{corpus / 'manuals'}]", f"data.cache_dir={out.parent / 'tokens'}",
+           *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(records):
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    return out, train(out, corpus)
+
+
+def test_two_processes_shard_the_model_and_learn(uninterrupted):
+    out, records = uninterrupted
+    setup = records[0]
+    assert setup["event"] == "setup" and setup["world_size"] == 2
+    assert setup["local_params"] < 0.6 * setup["params"]  # FSDP2: each rank holds about half
+    curve = losses(records)
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]
+    assert curve[6] < curve[1] - 0.5  # it learns
+    assert setup["layout"].count("full") == 2 and setup["layout"].count("sink_window") == 4
+
+
+def test_exported_model_generates(uninterrupted):
+    out, _ = uninterrupted
+    model, tok = longgen.load(out / "final")
+    assert model.cfg.attn.count("sink_window") == 4  # the checkpoint records its LongGen layout
+    done = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(out / "final"), "--prompt",
+                           "The long context", "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("The long context") and "4 sink_window" in done.stderr
+
+
+def test_resume_continues_bit_for_bit(tmp_path, corpus, uninterrupted):
+    _, whole = uninterrupted
+    out = tmp_path / "halves"
+    first = train(out, corpus, "steps=3")
+    (out / "step_5.tmp").mkdir()  # a save that was cut off ...
+    (out / "step_5.tmp" / "junk").write_text("half a checkpoint")
+    (out / "step_4").mkdir()  # ... and a directory without its metadata: neither is a checkpoint
+    second = train(out, corpus, "steps=6", "--resume")
+    resumed = [r for r in second if r.get("event") == "setup"][-1]
+    assert resumed["resumed_at"] == 3
+    assert {**losses(first), **losses(second)} == losses(whole)  # identical floats, not just close
+
+
+def test_full_attention_baseline_in_one_process(tmp_path, corpus):
+    records = train(tmp_path / "full", corpus, "steps=2", "--baseline", "full", nproc=1)
+    assert set(records[0]["layout"]) == {"full"} and records[0]["world_size"] == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lrr=1", "Unknown config key lrr"),
+    ("lr=fast", "lr must be float"),
+    ("data.pathz=[x]", "Unknown config key data.pathz"),
+    ("baseline=half", "baseline must be longgen or full"),
+])
+def test_bad_config_is_one_sentence(override, message):
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", override], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and message in done.stderr
+
+
+def test_existing_run_is_not_overwritten(tmp_path, corpus, uninterrupted):
+    out, _ = uninterrupted
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", f"out_dir={out}",
+                           f"data.paths=[{corpus / 'novels'}]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--resume" in done.stderr
