@@ -75,13 +75,13 @@ class Tokenizer:
         # As HF does: special tokens, then pieces of the split pattern; in each piece drop the bytes with no token
         # and BPE the rest as one piece, so merges reach across a dropped byte (",\x04," is the one token ",,").
         for i, part in enumerate(self._special_split.split(text)):
-            if i % 2:
-                ids.append(self._special[part])
-                continue
-            for piece in self._split.findall(part):
-                if kept := piece.encode().translate(None, self._missing):
-                    ids += self._enc._encode_single_piece(kept)  # BPE only, no second split
+            ids += [self._special[part]] if i % 2 else self._encode_dropping_missing(part)
         return ids
+
+    def _encode_dropping_missing(self, text: str) -> list[int]:
+        """Plain text with bytes that have no token: split, drop those bytes from each piece, BPE what is left."""
+        return [i for piece in self._split.findall(text) if (kept := piece.encode().translate(None, self._missing))
+                for i in self._enc._encode_single_piece(kept)]  # BPE only, no second split
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text` as plain text, without BOS: special-token strings in it are tokenised like any other
@@ -89,8 +89,7 @@ class Tokenizer:
         data = text.encode("utf-8", "surrogatepass")
         if len(data.translate(None, self._missing)) == len(data):  # every byte has a token: all tiktoken
             return self._enc.encode_ordinary(text)
-        return [i for piece in self._split.findall(text) if (kept := piece.encode().translate(None, self._missing))
-                for i in self._enc._encode_single_piece(kept)]
+        return self._encode_dropping_missing(text)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes the tokens stand for, joined; a special token stands for its text."""
