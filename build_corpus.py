@@ -40,7 +40,7 @@ import numpy as np
 import tokenizer
 import weights
 from data import DataConfig, load_documents
-from errors import UserError
+from errors import UserError, run_cli
 
 MAX_CHARS = 400_000  # a chapter of the manuals: at most this many characters (about 100K tokens)
 MIN_CHARS = 1_000    # shorter documents (title and table-of-contents pages) are left out
@@ -274,10 +274,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import longgen
-from errors import UserError
+from errors import UserError, run_cli
 from cache import Cache
 from model import Transformer
 from tokenizer import StreamDecoder
@@ -220,10 +220,4 @@ def human_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ import tokenizer as tokenizers
 import weights
 from config import load_config
 from data import DataConfig, PackedStream, load_documents
-from errors import UserError
+from errors import UserError, run_cli
 from model import build, preset
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
@@ -367,8 +366,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
