@@ -60,8 +60,8 @@ def run_task(model, tok, task: Task, length: int, args, depths) -> list[dict]:
                             f"{model.cfg.max_seq_len}; drop that length.")
         predictions = answer(model, tok, prompts, max(s.max_new_tokens for s in batch), args.kv_policy, args.kv_budget)
         for s, prompt, prediction in zip(batch, prompts, predictions):
-            records.append(dict(task=task.name, length=length, prompt_tokens=len(prompt), answers=s.answers,
-                                prediction=prediction, score=task.score(prediction, s), **s.meta))
+            records.append({**s.meta, "task": task.name, "length": length, "prompt_tokens": len(prompt),
+                            "answers": s.answers, "prediction": prediction, "score": task.score(prediction, s)})
     return records
 
 
@@ -196,8 +196,7 @@ def main(argv=None) -> None:
         for task in tasks:
             for length in lengths:
                 bar.set_postfix(task=task.name, length=length)
-                results += run_task(model, tok, task, length, args, grid if task.name in ("passkey", "niah")
-                                    else [None])
+                results += run_task(model, tok, task, length, args, grid if task.takes_depth else [None])
                 bar.update(1)
     ppl = {n: perplexity(model, tok, args.ppl_data, n) for n in lengths} if args.ppl_data else {}
     header = dict(checkpoint=str(args.checkpoint or "SmolLM2-135M-Instruct (default)"),
