@@ -1,94 +1,133 @@
 """LongGen against full attention, side by side in one process, at Llama-2-7B shapes (random weights: speed does not
 depend on their values).
 
-    python bench.py [--lengths 4096,32768] [--layers 32] [--variant sink_window,strided] [--batch 1]
-                    [--json out.json]
+    python bench.py [--lengths 16k,32k,64k,128k] [--batch 1,8] [--variant sink_window,strided]
+                    [--parts inference,masks,train,hf] [--json out.json]
 
-For each layout (all layers full, then LongGen with each sparse variant) and context length it measures the KV cache
-bytes actually allocated, the chunked prefill time (as generate.py runs it), and decode ms/token with the compiled
-CUDA-graph step, against the memory-bandwidth roofline: (weight bytes + KV bytes read per token) / measured copy
-bandwidth. The ceilings (copy bandwidth, bf16 matmul rate) are measured in the same run. Needs a CUDA GPU.
+For each layout (every layer full, then LongGen with each sparse variant) it measures:
+- inference, per context length and batch: the KV cache bytes actually allocated, the chunked prefill time (as
+  generate.py runs it), and decode ms/token with the compiled CUDA-graph step, against the memory-bandwidth roofline:
+  (weight bytes + KV bytes read per token) / measured copy bandwidth;
+- masks: the time to build each sparse pattern's BlockMask at each length;
+- train: one training step (forward + backward of the loss, activation checkpointing and per-block compile as
+  train.py) of a reduced-depth model at full width (`--train-layers`, default 8: 3 full of 8 is LongGen's 12 of 32);
+- hf: a peer, transformers' own Llama of the same shapes generating with its compiled static cache (full attention).
+The ceilings (copy bandwidth, bf16 matmul rate) are measured in the same run; compile time is reported apart from the
+timings. Rows that do not fit the device's memory are skipped and say so. On a CPU it runs too (`--preset tiny`), for
+the tests: numbers there mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 import longgen
+import train
 from cache import Cache
-from generate import compiled_decode, prefill
+from errors import UserError, run_cli
+from generate import compiled_decode, decode_one, prefill
+from masks import block_mask
 from model import build, preset
 
-
-def ceilings() -> dict:
-    from triton.testing import do_bench
-
-    src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mm_ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
-    return dict(copy_GBps=2 * src.nbytes / copy_ms / 1e6, matmul_TFLOPs=2 * 8192**3 / mm_ms / 1e9)
+PARTS = ("inference", "masks", "train", "hf")
 
 
-def random_model(cfg):
-    """The model with random bf16 weights made on the GPU (no 13 GB host copy)."""
-    return build(cfg, device="cuda", dtype=torch.bfloat16).eval()
-
-
-def decode_ms(model, cache, token, steps: int) -> tuple[float, float]:
-    """(compile seconds, median ms per token over `steps` greedy steps on the device, no host syncs)."""
-    decode = compiled_decode("cuda")
-    t = time.perf_counter()
-    for _ in range(3):  # compile, record the CUDA graph, replay
-        token = decode(model, cache, token).argmax(-1)
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        for _ in range(steps):
-            token = decode(model, cache, token).argmax(-1)
-        end.record()
+# ------------------------------------------------------------------------------------------------ timing
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / steps)
-    return compile_s, sorted(times)[1]
 
 
-def measure(model, length: int, batch: int, new_tokens: int, chunk: int, copy_GBps: float) -> dict:
-    cfg = model.cfg
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    cache = Cache(cfg, batch, length + new_tokens, "cuda", torch.bfloat16)
-    kv_bytes = torch.cuda.memory_allocated() - before
+def elapsed_ms(fn, device) -> float:
+    """Wall time of one call of fn: CUDA events on a GPU, the host clock elsewhere."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def median_ms(fn, device, repeats: int = 3) -> float:
+    return statistics.median(elapsed_ms(fn, device) for _ in range(repeats))
+
+
+def timed_s(fn, device) -> float:
+    """Seconds of a first call (compilation included), for reporting compile time apart."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def ceilings(device) -> dict:
+    """Copy bandwidth (bytes read + written per second) and the bf16 matmul rate of this device."""
+    cuda = torch.device(device).type == "cuda"
+    n, m = (2**29, 8192) if cuda else (2**23, 512)  # 1 GiB / 16 MiB of bf16; matmul side
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: [dst.copy_(src) for _ in range(10)], device, 5) / 10
+    a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = median_ms(lambda: [a @ b for _ in range(10)], device, 5) / 10
+    return dict(copy_GBps=2 * src.nbytes / copy_ms / 1e6, matmul_TFLOPs=2 * m**3 / mm_ms / 1e9)
+
+
+def free_bytes(device) -> float:
+    return torch.cuda.mem_get_info()[0] if torch.device(device).type == "cuda" else float("inf")
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
+    """KV bytes, prefill seconds and decode ms/token of one layout at one context length and batch."""
+    cfg, device, new = model.cfg, args.device, args.new_tokens
+    need = sum(Cache(cfg, batch, length + new, "meta", torch.bfloat16).nbytes().values())
+    if need + 4 * 2**30 * (device != "cpu") > free_bytes(device):  # 4 GiB for the prefill's activations
+        return dict(skipped=f"its {need / 2**30:.1f} GiB KV cache does not fit")
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated() if device != "cpu" else 0
+    cache = Cache(cfg, batch, length + new, device, torch.bfloat16)
+    kv_bytes = torch.cuda.memory_allocated() - before if device != "cpu" else need
     cache.mark_static()
     prompts = torch.randint(0, cfg.vocab_size, (batch, length)).tolist()
     with torch.inference_mode():
-        prefill(model, cache, prompts, chunk)  # warm-up: compiles flex for these shapes
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        logits = prefill(model, cache, prompts, chunk)
-        torch.cuda.synchronize()
-        prefill_s = time.perf_counter() - t
-        compile_s, ms = decode_ms(model, cache, logits.argmax(-1), new_tokens // 4)
+        prefill(model, cache, prompts, args.chunk)  # warm-up: compiles flex for these shapes
+        prefill_ms = median_ms(lambda: prefill(model, cache, prompts, args.chunk), device, 1)
+        token = prefill(model, cache, prompts, args.chunk).argmax(-1)
+        decode = compiled_decode(device) if args.compile else decode_one
+        state = dict(token=token)
+
+        def steps(n):
+            for _ in range(n):
+                state["token"] = decode(model, cache, state["token"]).argmax(-1)
+
+        compile_s = timed_s(lambda: steps(3), device)  # compile, record the CUDA graph, replay
+        decode_ms = median_ms(lambda: steps(new // 4), device) / (new // 4)
     weights = sum(p.nbytes for p in model.parameters())
     if not cfg.tie_embeddings:
         weights -= model.tok_embeddings.weight.nbytes  # the embedding table is looked up (one row), not read whole
     read = weights + sum(cache.nbytes().values())  # every slot of every layer is read each step
     roofline_ms = read / copy_GBps / 1e6
-    return dict(kv_bytes=kv_bytes, kv_full_bytes=cache.full_attention_nbytes(), prefill_s=prefill_s,
-                decode_ms=ms, decode_compile_s=compile_s, roofline_ms=roofline_ms, roofline_frac=roofline_ms / ms)
+    return dict(kv_bytes=kv_bytes, kv_full_bytes=cache.full_attention_nbytes(), prefill_s=prefill_ms / 1e3, decode_ms=decode_ms, decode_compile_s=compile_s,
+                roofline_ms=roofline_ms, roofline_frac=roofline_ms / decode_ms)
 
 
-def profile_decode(model, length: int, batch: int, new_tokens: int, chunk: int) -> None:
-    cache = Cache(model.cfg, batch, length + new_tokens, "cuda", torch.bfloat16)
+def profile_decode(model, length: int, args) -> None:
+    """The top kernels of 20 compiled decode steps."""
+    cache = Cache(model.cfg, args.batch[0], length + args.new_tokens, "cuda", torch.bfloat16)
     cache.mark_static()
     with torch.inference_mode():
-        token = prefill(model, cache, torch.randint(0, 1000, (batch, length)).tolist(), chunk).argmax(-1)
+        token = prefill(model, cache, torch.randint(0, 1000, (args.batch[0], length)).tolist(), args.chunk).argmax(-1)
         decode = compiled_decode("cuda")
         for _ in range(3):
             token = decode(model, cache, token).argmax(-1)
@@ -100,50 +139,228 @@ def profile_decode(model, length: int, batch: int, new_tokens: int, chunk: int) 
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
-def main():
+# ------------------------------------------------------------------------------------------------ masks, training
+def mask_build_ms(cfg, length: int, device) -> float:
+    """Median time to build one sparse kind's BlockMask for a whole sequence (what each training forward does)."""
+    kind = next(k for k in cfg.attn if k != "full")
+    return median_ms(lambda: block_mask(cfg.pattern(kind), length, length, block_size=cfg.mask_block, device=device),
+                     device, 7)
+
+
+def train_layout(base, sparse: str | None, n_layers: int) -> tuple[str, ...]:
+    """A reduced stack with LongGen's ratio of full layers (12 of 32 is 3 of 8), the full ones in the middle."""
+    if sparse is None:
+        return ("full",) * n_layers
+    n_full = round(n_layers * longgen.longgen_layout(base.n_layers, sparse=sparse).count("full") / base.n_layers)
+    below = (n_layers - n_full) // 2
+    return (sparse,) * below + ("full",) * n_full + (sparse,) * (n_layers - n_full - below)
+
+
+def train_step(cfg, length: int, args) -> dict:
+    """ms of one forward + backward of the training loss on one sequence, as train.py runs it (bf16 weights here; no
+    optimizer step, whose time does not depend on attention)."""
+    device = args.device
+    model = build(cfg, device=device, dtype=torch.bfloat16)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = train.wrap_block(block, activation_checkpointing=True, compile=args.compile)
+    tokens = torch.randint(0, cfg.vocab_size, (1, length + 1), device=device)
+    doc_ids = torch.zeros_like(tokens)
+
+    def step():
+        train.lm_loss(model, tokens, doc_ids, doc_masking=False).backward()
+        model.zero_grad(set_to_none=True)
+
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        compile_s = timed_s(step, device)
+        ms = median_ms(step, device)
+    except torch.OutOfMemoryError:
+        return dict(skipped="out of memory")
+    peak = torch.cuda.max_memory_allocated() if device != "cpu" else 0
+    pairs = {k: cfg.pattern(k).pairs(length) for k in set(cfg.attn)}
+    return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak, attn_pairs=sum(pairs[k] for k in cfg.attn))
+
+
+def hf_decode(cfg, length: int, args) -> dict:
+    """transformers' Llama (full attention, same shapes, random weights) generating greedily with its static cache,
+    which it compiles itself on a GPU: decode ms/token from the time of new_tokens + 1 minus 1 new tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                         max_position_embeddings=length + args.new_tokens + 1, tie_word_embeddings=cfg.tie_embeddings)
+    with torch.device(args.device):
+        model = LlamaForCausalLM._from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, length), device=args.device)
+
+    def run(n):
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, cache_implementation="static", pad_token_id=0)
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compile_s = timed_s(lambda: run(args.new_tokens + 1), args.device)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+    one = median_ms(lambda: run(1), args.device)
+    many = median_ms(lambda: run(args.new_tokens + 1), args.device)
+    del model
+    return dict(decode_ms=(many - one) / args.new_tokens, compile_s=compile_s, compiled=compiled)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    try:
+        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        raise UserError(f"Cannot read the length {text!r}; write lengths like 16k,32k or 16384.") from None
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="4096,32768", help="context lengths (prompt tokens)")
-    p.add_argument("--layers", type=int, default=32, help="model depth (Llama-2-7B has 32)")
+    p.add_argument("--lengths", default="16k,32k,64k,128k", help="context lengths (prompt tokens), e.g. 4k,32k")
+    p.add_argument("--batch", default="1,8", help="decode batch sizes (inference part)")
     p.add_argument("--variant", default="sink_window,strided", help="LongGen sparse variants to compare")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=128, help="decode steps to reserve and time")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"what to measure, any of: {', '.join(PARTS)}")
+    p.add_argument("--preset", default="llama-2-7b", help="model shapes (model.py presets)")
+    p.add_argument("--layers", type=int, help="model depth for inference (default: the preset's)")
+    p.add_argument("--train-layers", type=int, default=8, help="depth of the training-step model (full width)")
+    p.add_argument("--train-lengths", help="training-step lengths (default: --lengths)")
+    p.add_argument("--hf-lengths", help="lengths for the transformers peer (default: --lengths)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps reserved; a quarter of them timed")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, as generate.py --chunk")
-    p.add_argument("--json", help="write all numbers here")
-    p.add_argument("--profile", action="store_true", help="instead: profile 20 decode steps of the first layout and "
-                                                         "length, and print the top kernels")
-    args = p.parse_args()
-    torch._dynamo.config.recompile_limit = 64  # one decode compile per (layout, length), all measured
-    lengths = [int(n) for n in args.lengths.split(",")]
-    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=args.batch, rows=[],
-                  **ceilings())
-    print(f"ceilings: copy {report['copy_GBps']:.0f} GB/s, bf16 matmul {report['matmul_TFLOPs']:.0f} TFLOP/s",
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decode and training steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write every number here (rewritten after each measurement)")
+    p.add_argument("--profile", action="store_true", help="instead: profile 20 decode steps of the first length, "
+                                                         "every layer full, and print the top kernels")
+    args = p.parse_args(argv)
+    args.lengths = [parse_length(t) for t in args.lengths.split(",")]
+    args.train_lengths = [parse_length(t) for t in args.train_lengths.split(",")] if args.train_lengths \
+        else args.lengths
+    args.hf_lengths = [parse_length(t) for t in args.hf_lengths.split(",")] if args.hf_lengths else args.lengths
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.variant = args.variant.split(",")
+    args.parts = args.parts.split(",")
+    if set(args.parts) - set(PARTS):
+        raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
+    if args.new_tokens < 4:
+        raise UserError("--new-tokens must be at least 4 (a quarter of them are timed).")
+    return args
+
+
+def run(args) -> dict:
+    torch._dynamo.config.recompile_limit = 64  # one decode compile per (layout, length, batch), all measured
+    torch.manual_seed(0)
+    report = dict(device=torch.cuda.get_device_name() if args.device != "cpu" else "cpu", torch=torch.__version__,
+                  preset=args.preset, **ceilings(args.device), inference=[], masks=[], train=[], hf=[])
+    print(f"ceilings: copy {report['copy_GBps']:.0f} GB/s, bf16 matmul {report['matmul_TFLOPs']:.3g} TFLOP/s",
           flush=True)
-    base = preset("llama-2-7b", n_layers=args.layers, max_seq_len=max(lengths) + args.new_tokens)
-    model = random_model(base)
+
+    def record(part, row):
+        report[part].append(row)
+        print(part, row, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+    longest = max(args.lengths + args.train_lengths + args.hf_lengths) + args.new_tokens + 1
+    base = preset(args.preset, max_seq_len=longest, **({"n_layers": args.layers} if args.layers else {}))
+    layouts = {"full": base, **{f"longgen {v}": longgen.convert(base, sparse=v) for v in args.variant}}
     if args.profile:
-        return profile_decode(model, lengths[0], args.batch, args.new_tokens, args.chunk)
-    layouts = {"full": base, **{f"longgen {v}": longgen.convert(base, sparse=v) for v in args.variant.split(",")}}
-    for length in lengths:
-        for name, cfg in layouts.items():
-            model.cfg = cfg
-            row = dict(layout=name, length=length, full_layers=cfg.attn.count("full"), **measure(
-                model, length, args.batch, args.new_tokens, args.chunk, report["copy_GBps"]))
-            report["rows"].append(row)
-            print(row, flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(report, f, indent=1)
-    print(f"\n{report['device']}, torch {report['torch']}, Llama-2-7B shapes, {args.layers} layers, batch "
-          f"{args.batch}, bf16; copy {report['copy_GBps']:.0f} GB/s")
-    print(f"{'context':>8} {'layout':<20} {'KV GiB':>7} {'vs full':>8} {'prefill s':>10} {'x':>5} {'decode ms':>10} "
-          f"{'x':>5} {'roofline':>9}")
-    for row in report["rows"]:
-        ref = next(r for r in report["rows"] if r["length"] == row["length"] and r["layout"] == "full")
-        print(f"{row['length']:>8} {row['layout']:<20} {row['kv_bytes'] / 2**30:>7.2f} "
-              f"{row['kv_bytes'] / ref['kv_bytes'] - 1:>+8.0%} {row['prefill_s']:>10.3f} "
-              f"{ref['prefill_s'] / row['prefill_s']:>5.2f} {row['decode_ms']:>10.2f} "
-              f"{ref['decode_ms'] / row['decode_ms']:>5.2f} {row['roofline_frac']:>9.0%}")
+        return profile_decode(build(base, device=args.device, dtype=torch.bfloat16).eval(), args.lengths[0], args)
+    if "masks" in args.parts:
+        for length in args.lengths:
+            for v in args.variant:
+                record("masks", dict(variant=v, length=length, build_ms=mask_build_ms(layouts[f"longgen {v}"],
+                                                                                      length, args.device)))
+    if "inference" in args.parts:
+        model = build(base, device=args.device, dtype=torch.bfloat16).eval()
+        for length in args.lengths:
+            for batch in args.batch:
+                for name, cfg in layouts.items():
+                    model.cfg = cfg
+                    record("inference", dict(layout=name, length=length, batch=batch,
+                                             full_layers=cfg.attn.count("full"),
+                                             **inference(model, length, batch, args, report["copy_GBps"])))
+        del model
+    if "train" in args.parts:
+        small = replace(base, n_layers=args.train_layers, attn=("full",) * args.train_layers)
+        for length in args.train_lengths:
+            for sparse in [None, *args.variant]:
+                cfg = replace(small, attn=train_layout(base, sparse, args.train_layers))
+                sync(args.device)
+                record("train", dict(layout=f"longgen {sparse}" if sparse else "full", length=length,
+                                     layers=cfg.n_layers, full_layers=cfg.attn.count("full"),
+                                     **train_step(cfg, length, args)))
+                if args.device != "cpu":
+                    torch.cuda.empty_cache()
+    if "hf" in args.parts:
+        for length in args.hf_lengths:
+            record("hf", dict(length=length, **hf_decode(base, length, args)))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ the tables
+def ratio(ref, row, key):
+    """How many times faster `row` is than the full-attention `ref` (blank for the reference itself)."""
+    if row is ref or ref is None or "skipped" in ref:
+        return ""
+    return f"{ref[key] / row[key]:.2f}x"
+
+
+def tables(report: dict) -> str:
+    out = [f"{report['device']}, torch {report['torch']}, {report['preset']} shapes, bf16; copy "
+           f"{report['copy_GBps']:.0f} GB/s, matmul {report['matmul_TFLOPs']:.3g} TFLOP/s"]
+
+    def ref(part, row, **match):
+        return next((r for r in report[part] if r["layout"] == "full" and all(r[k] == v for k, v in match.items())),
+                    None)
+
+    if report["inference"]:
+        out.append("\n| context | batch | layout | KV GiB | KV vs full | prefill s | speed-up | decode ms | speed-up | "
+                   "of roofline |\n|---|---|---|---|---|---|---|---|---|---|")
+        for r in report["inference"]:
+            f = ref("inference", r, length=r["length"], batch=r["batch"])
+            if "skipped" in r:
+                out.append(f"| {r['length']} | {r['batch']} | {r['layout']} | skipped: {r['skipped']} |||||||")
+                continue
+            kv = f"{r['kv_bytes'] / f['kv_bytes'] - 1:+.0%}" if f and f is not r and "skipped" not in f else ""
+            out.append(f"| {r['length']} | {r['batch']} | {r['layout']} | {r['kv_bytes'] / 2**30:.2f} | {kv} | "
+                       f"{r['prefill_s']:.3f} | {ratio(f, r, 'prefill_s')} | {r['decode_ms']:.2f} | "
+                       f"{ratio(f, r, 'decode_ms')} | {r['roofline_frac']:.0%} |")
+    if report["masks"]:
+        out.append("\n| context | variant | BlockMask build ms |\n|---|---|---|")
+        out += [f"| {r['length']} | {r['variant']} | {r['build_ms']:.1f} |" for r in report["masks"]]
+    if report["train"]:
+        out.append("\n| context | layout | layers (full) | step ms | speed-up | peak GiB |\n|---|---|---|---|---|---|")
+        for r in report["train"]:
+            f = ref("train", r, length=r["length"])
+            if "skipped" in r:
+                out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | skipped: "
+                           f"{r['skipped']} |||")
+                continue
+            out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | {r['step_ms']:.1f} | "
+                       f"{ratio(f, r, 'step_ms')} | {r['peak_bytes'] / 2**30:.1f} |")
+    if report["hf"]:
+        out.append("\n| context | transformers (static cache, compiled) decode ms | ours, full, batch 1 | compiled |"
+                   "\n|---|---|---|---|")
+        for r in report["hf"]:
+            ours = next((x for x in report["inference"] if x["layout"] == "full" and x["length"] == r["length"]
+                         and x["batch"] == 1 and "skipped" not in x), None)
+            out.append(f"| {r['length']} | {r['decode_ms']:.2f} | {ours['decode_ms']:.2f} |" if ours else
+                       f"| {r['length']} | {r['decode_ms']:.2f} | |")
+            out[-1] += f" {r['compiled']} |"
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    report = run(args)
+    if report:
+        print("\n" + tables(report))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -134,14 +134,20 @@ def shard_model(model, cfg: TrainConfig, mesh):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if cfg.dtype == "bfloat16" else MixedPrecisionPolicy()
     for i, block in enumerate(model.layers):
-        if cfg.activation_checkpointing:
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
-        if cfg.compile:
-            block.compile()
+        block = wrap_block(block, cfg.activation_checkpointing, cfg.compile)
         fully_shard(block, mesh=mesh, mp_policy=mp)
         model.layers[i] = block
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def wrap_block(block, activation_checkpointing: bool, compile: bool):
+    """A block that recomputes its activations in the backward pass and runs compiled (bench.py times this too)."""
+    if activation_checkpointing:
+        block = checkpoint_wrapper(block, preserve_rng_state=False)
+    if compile:
+        block.compile()
+    return block
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -299,10 +305,11 @@ def run(cfg, rank, world, device, resume, export_only):
         scheduler.step()
         step += 1
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_value = loss_sum.item() / cfg.grad_accum  # waits for the step's GPU work: the time below is all of it
         elapsed = time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
             tokens_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * world
-            record = dict(step=step, loss=loss_sum.item() / cfg.grad_accum, lr=lr,
+            record = dict(step=step, loss=loss_value, lr=lr,
                           grad_norm=float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
                           tokens_per_s=tokens_step / elapsed, step_s=elapsed)
             if peak:

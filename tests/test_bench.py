@@ -1,0 +1,77 @@
+"""bench.py end to end on a tiny model on the CPU: every part runs, the JSON holds every row, and the table's ratios
+are computed from the measured numbers (the numbers themselves mean nothing on a CPU)."""
+import json
+import re
+
+import pytest
+
+import bench
+from errors import UserError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = bench.parse_args(["--preset", "tiny", "--lengths", "256,512", "--batch", "1,2", "--new-tokens", "8",
+                             "--train-lengths", "256", "--hf-lengths", "256", "--no-compile", "--device", "cpu",
+                             "--json", str(out)])
+    report = bench.run(args)
+    return report, json.loads(out.read_text()), bench.tables(report)
+
+
+def test_every_row_is_measured_and_written(run):
+    report, written, _ = run
+    assert written == json.loads(json.dumps(report))
+    layouts = ["full", "longgen sink_window", "longgen strided"]
+    assert [(r["length"], r["batch"], r["layout"]) for r in written["inference"]] == \
+        [(n, b, lay) for n in (256, 512) for b in (1, 2) for lay in layouts]
+    assert [(r["length"], r["variant"]) for r in written["masks"]] == \
+        [(n, v) for n in (256, 512) for v in ("sink_window", "strided")]
+    assert [(r["layout"], r["layers"], r["full_layers"]) for r in written["train"]] == \
+        [("full", 8, 8), ("longgen sink_window", 8, 3), ("longgen strided", 8, 3)]
+    assert [r["length"] for r in written["hf"]] == [256]
+    for r in written["inference"]:
+        assert r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["kv_bytes"] > 0
+        assert r["roofline_frac"] == pytest.approx(r["roofline_ms"] / r["decode_ms"])
+        assert r["kv_bytes"] <= r["kv_full_bytes"]
+    for r in written["train"]:
+        assert r["step_ms"] > 0 and r["attn_pairs"] > 0
+    sparse = [r for r in written["train"] if r["layout"] != "full"]
+    assert all(r["attn_pairs"] < written["train"][0]["attn_pairs"] for r in sparse)
+
+
+def test_table_ratios_come_from_the_measurements(run):
+    report, _, table = run
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if re.match(r"\| \d+ \| \d+ \| ", line)]
+    assert len(rows) == len(report["inference"])
+    for cells, r in zip(rows, report["inference"]):
+        ref = next(x for x in report["inference"] if x["layout"] == "full" and x["length"] == r["length"]
+                   and x["batch"] == r["batch"])
+        kv, prefill, decode = cells[4].strip(), cells[6].strip(), cells[8].strip()
+        if r is ref:
+            assert (kv, prefill, decode) == ("", "", "")
+        else:
+            assert kv == f"{r['kv_bytes'] / ref['kv_bytes'] - 1:+.0%}"
+            assert prefill == f"{ref['prefill_s'] / r['prefill_s']:.2f}x"
+            assert decode == f"{ref['decode_ms'] / r['decode_ms']:.2f}x"
+    train_rows = [line for line in table.splitlines() if "| 8 (" in line]
+    full = report["train"][0]
+    for line, r in zip(train_rows[1:], report["train"][1:]):
+        assert f"| {full['step_ms'] / r['step_ms']:.2f}x |" in line
+
+
+def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "free_bytes", lambda device: 0)
+    report = bench.run(bench.parse_args(["--preset", "tiny", "--lengths", "128", "--batch", "1", "--variant",
+                                         "sink_window", "--parts", "inference", "--new-tokens", "4", "--no-compile",
+                                         "--device", "cpu"]))
+    assert all("does not fit" in r["skipped"] for r in report["inference"])
+    assert "skipped: its" in bench.tables(report)
+
+
+@pytest.mark.parametrize("argv, message", [(["--parts", "decode"], "Unknown parts"),
+                                           (["--lengths", "lots"], "Cannot read the length"),
+                                           (["--new-tokens", "2"], "at least 4")])
+def test_bad_arguments_say_what_to_fix(argv, message):
+    with pytest.raises(UserError, match=message):
+        bench.parse_args(argv)
