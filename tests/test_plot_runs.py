@@ -1,0 +1,32 @@
+"""plot_runs.py draws train.py's metrics files and refuses what is not one."""
+import json
+
+import pytest
+
+import plot_runs
+from errors import UserError
+
+
+def write_run(path, losses):
+    records = [{"event": "setup"}] + [dict(step=i + 1, loss=v, tokens_per_s=100.0 + i) for i, v in enumerate(losses)]
+    records.append(dict(step=len(losses), eval_loss=losses[-1]))
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def test_two_runs_make_one_png(tmp_path):
+    (tmp_path / "a").mkdir()
+    write_run(tmp_path / "a" / "metrics.jsonl", [3.0, 2.5, 2.0])
+    write_run(tmp_path / "b.jsonl", [3.1, 2.4, 2.2])
+    out = tmp_path / "curves.png"
+    plot_runs.main([str(tmp_path / "a"), str(tmp_path / "b.jsonl"), "-o", str(out), "--smooth", "2"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_runs.read_metrics(str(tmp_path / "a"))[0] == "a"
+    assert plot_runs.trailing_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+
+
+def test_missing_or_foreign_files_are_named(tmp_path):
+    with pytest.raises(UserError, match="No metrics at"):
+        plot_runs.read_metrics(str(tmp_path / "nothing"))
+    (tmp_path / "x.jsonl").write_text("not json\n")
+    with pytest.raises(UserError, match="line 1 is not JSON"):
+        plot_runs.read_metrics(str(tmp_path / "x.jsonl"))
