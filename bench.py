@@ -96,7 +96,7 @@ def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
     if device != "cpu":
         torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated() if device != "cpu" else 0
-    cache = Cache(cfg, batch, length + new, device, torch.bfloat16, sdpa_decode=args.sdpa_decode)
+    cache = Cache(cfg, batch, length + new, device, torch.bfloat16, flex_decode=args.flex_decode)
     kv_bytes = torch.cuda.memory_allocated() - before if device != "cpu" else need
     cache.mark_static()
     prompts = torch.randint(0, cfg.vocab_size, (batch, length)).tolist()
@@ -231,8 +231,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-lengths", help="lengths for the transformers peer (default: --lengths)")
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps reserved; a quarter of them timed")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, as generate.py --chunk")
-    p.add_argument("--sdpa-decode", default="", help="attention kinds that decode with SDPA and a dense mask "
-                                                     "instead of flex decoding, e.g. full")
+    p.add_argument("--flex-decode", default="", help="attention kinds that decode with flex decoding instead of "
+                                                     "SDPA with a dense mask, e.g. full,sink_window")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decode and training steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write every number here (rewritten after each measurement)")
@@ -245,7 +245,7 @@ def parse_args(argv=None):
     args.hf_lengths = [parse_length(t) for t in args.hf_lengths.split(",")] if args.hf_lengths else args.lengths
     args.batch = [int(b) for b in args.batch.split(",")]
     args.variant = args.variant.split(",")
-    args.sdpa_decode = [k for k in args.sdpa_decode.split(",") if k]
+    args.flex_decode = [k for k in args.flex_decode.split(",") if k]
     args.parts = args.parts.split(",")
     if set(args.parts) - set(PARTS):
         raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
@@ -258,7 +258,7 @@ def run(args) -> dict:
     torch._dynamo.config.recompile_limit = 64  # one decode compile per (layout, length, batch), all measured
     torch.manual_seed(0)
     report = dict(device=torch.cuda.get_device_name() if args.device != "cpu" else "cpu", torch=torch.__version__,
-                  preset=args.preset, sdpa_decode=args.sdpa_decode, **ceilings(args.device), inference=[], masks=[],
+                  preset=args.preset, flex_decode=args.flex_decode, **ceilings(args.device), inference=[], masks=[],
                   train=[], hf=[])
     print(f"ceilings: copy {report['copy_GBps']:.0f} GB/s, bf16 matmul {report['matmul_TFLOPs']:.3g} TFLOP/s",
           flush=True)

@@ -11,7 +11,9 @@ outside the pattern. Buffers are allocated once and padded to multiples of 128 s
 
 Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was | the chunk itself], then keeps what
 survives (the last token written to each slot); writing first would evict tokens the chunk's early queries still need.
-Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs.
+Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs. It runs
+SDPA with a dense (B, 1, 1, C) mask, which beat flex decoding on an H200 (BENCHMARKS.md: 8.3 vs 12.0 ms per token at
+32K, every layer full); `flex_decode` keeps flex decoding for chosen kinds.
 
 Legend: B batch, G key/value heads, C slots, T tokens in this call, E head width.
 """
@@ -73,11 +75,11 @@ class Cache:
     """KV cache for a batch of sequences of up to max_len tokens each. The model calls prepare() once per forward,
     update() in every layer, and advance() at the end; generate.py calls start_prefill() and start_decoding()."""
 
-    def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32, sdpa_decode=()):
-        """sdpa_decode: attention kinds whose decoding steps use SDPA with a dense (B, 1, 1, slots) mask even where
-        flex decoding is available (bench.py --sdpa-decode compares the two)."""
+    def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32, flex_decode=()):
+        """flex_decode: attention kinds whose decoding steps use flex decoding (on GPU) instead of SDPA with a dense
+        mask (bench.py --flex-decode compares the two)."""
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
-        self.sdpa_decode = set(sdpa_decode)
+        self.flex_decode = set(flex_decode)
         self.layer_kind = cfg.attn
         self.index = [cfg.attn[:i].count(kind) for i, kind in enumerate(cfg.attn)]  # layer -> index within its kind
         self.kinds = {kind: KindCache(cfg.pattern(kind), cfg.attn.count(kind), batch, max_len, cfg.n_kv_heads,
@@ -100,8 +102,7 @@ class Cache:
         self.pos.copy_(self.lengths)
         self.decoding = True
         # flex decoding's masks, made here outside any compiled step (a CUDA graph would own tensors made inside)
-        self._decode_masks = {kind: self._decode_block_mask(kind) for kind in self.kinds
-                              if kind not in self.sdpa_decode}
+        self._decode_masks = {kind: self._decode_block_mask(kind) for kind in self.kinds if kind in self.flex_decode}
 
     def mark_static(self) -> None:
         """Tell torch.compile these tensors keep their addresses, so a CUDA graph can update them in place."""
@@ -127,7 +128,7 @@ class Cache:
         rows = torch.arange(self.batch, device=pos.device)
         for kind, kc in self.kinds.items():
             kc.slot_pos[rows, kc.slot_of(pos)] = pos
-            if use_flex and kind not in self.sdpa_decode:  # flex decoding, split over the keys
+            if use_flex and kind in self.flex_decode:  # flex decoding, split over the keys
                 masks[kind] = self._decode_masks[kind]
             else:
                 masks[kind] = kc.allowed(pos[:, None], kc.slot_pos)[:, None, None, :]  # (B, 1, 1, C)

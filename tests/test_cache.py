@@ -27,10 +27,10 @@ def tiny(layout: str):
 
 
 @torch.no_grad()
-def cached_run(model, prompts, n_new, chunk, decode=decode_one):
+def cached_run(model, prompts, n_new, chunk, decode=decode_one, flex_decode=()):
     """Greedy decoding through the cache; the logits of every step, (B, n_new, V), and the tokens (B, n_new)."""
     device = model.tok_embeddings.weight.device
-    cache = Cache(model.cfg, len(prompts), max(map(len, prompts)) + n_new, device)
+    cache = Cache(model.cfg, len(prompts), max(map(len, prompts)) + n_new, device, flex_decode=flex_decode)
     if decode is not decode_one:
         cache.mark_static()
     logits, steps = prefill(model, cache, prompts, chunk), []
@@ -123,14 +123,15 @@ def test_generate_stops_at_stop_tokens_and_reports_stats():
 
 
 @needs_cuda
+@pytest.mark.parametrize("flex_decode", [(), ("full", "sink_window", "strided")])
 @pytest.mark.parametrize("layout", ["longgen", "longgen_strided"])
-def test_gpu_flex_prefill_and_cuda_graph_decode_equal_recompute(layout):
+def test_gpu_flex_prefill_and_cuda_graph_decode_equal_recompute(layout, flex_decode):
     """On GPU: prefill chunks of >= 128 tokens go through flex with the cache's block masks, decoding through the
-    compiled CUDA-graph step."""
+    compiled CUDA-graph step, with SDPA (the default) or flex decoding."""
     model = tiny(layout).cuda()
     torch.manual_seed(2)
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (300, 170)]
-    logits, tokens = cached_run(model, prompts, 60, chunk=128, decode=compiled_decode("cuda"))
+    logits, tokens = cached_run(model, prompts, 60, chunk=128, decode=compiled_decode("cuda"), flex_decode=flex_decode)
     for row, prompt in enumerate(prompts):
         reference = recomputed(model, prompt, tokens[row].cpu())
         torch.testing.assert_close(logits[row], reference, atol=2e-4, rtol=2e-4)
