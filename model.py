@@ -171,7 +171,10 @@ def flex(q, k, v, block_mask: BlockMask):
 
 
 def attend(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:
-    """mask: None = causal over equal lengths (SDPA flash), a BlockMask (flex), or a (B, 1, T, S) bool tensor (SDPA)."""
+    """mask: None = causal over equal lengths (SDPA flash), a BlockMask (flex), a (B, 1, T, S) bool tensor (SDPA), or
+    an object with its own `attend` (context_parallel.CPAttention: fetches other ranks' keys, then attends)."""
+    if hasattr(mask, "attend"):
+        return mask.attend(q_BHTE, k_BGSE, v_BGSE)
     if mask is None:
         return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, is_causal=True, enable_gqa=True)
     if isinstance(mask, BlockMask):
@@ -261,16 +264,18 @@ class Transformer(nn.Module):
         return masks
 
     def forward(self, tokens_BT: Tensor, *, doc_ids: Tensor | None = None, cache=None,
-                logits_at: Tensor | None = None) -> Tensor:
+                logits_at: Tensor | None = None, positions: Tensor | None = None, masks: dict | None = None) -> Tensor:
         """tokens (B, T) -> logits (B, T, V).
         doc_ids (B, T), for packed training sequences: each document is attended to, and positioned, on its own.
         cache (cache.Cache): the tokens continue the cached sequences; the cache is read and updated.
-        logits_at (B,): only the logits at this index of each row, (B, 1, V)."""
+        logits_at (B,): only the logits at this index of each row, (B, 1, V).
+        positions (T,) or (B, T) and masks (one per kind), given together: the tokens' RoPE positions and attention,
+        decided by the caller (context_parallel.cp_forward: a shard of a longer sequence)."""
         B, T = tokens_BT.shape
         device = tokens_BT.device
         if cache is not None:
             positions, masks = cache.prepare(T, self.flex_for(T, device, cache.decoding))  # (T,) or (B, 1)
-        else:
+        elif masks is None:
             if T > self.cfg.max_seq_len:
                 raise UserError(f"{T} tokens exceed the model's max_seq_len={self.cfg.max_seq_len}; shorten the "
                                 "input or raise max_seq_len.")

@@ -40,6 +40,7 @@ import longgen
 import tokenizer as tokenizers
 import weights
 from config import load_config
+from context_parallel import cp_cross_entropy, cp_forward, shard
 from data import DataConfig, PackedStream, load_documents
 from errors import UserError, run_cli
 from model import build, preset
@@ -76,6 +77,7 @@ class TrainConfig:
     # systems
     dtype: str = "bfloat16"  # compute dtype (FSDP2 mixed precision; master weights and reductions stay fp32)
     activation_checkpointing: bool = True
+    cp_degree: int = 1  # context parallel: ranks that split each sequence between them (divides the world size)
     compile: bool = True
     peak_tflops: float | None = None  # for MFU; default: from the GPU's name
     # bookkeeping
@@ -91,8 +93,10 @@ class TrainConfig:
                   (self.schedule in ("constant", "cosine"), "schedule must be constant or cosine"),
                   (self.dtype in ("bfloat16", "float32"), "dtype must be bfloat16 or float32"),
                   (not (self.checkpoint and self.preset), "give checkpoint or preset, not both"),
-                  (min(self.seq_len, self.batch_size, self.grad_accum, self.steps) >= 1,
-                   "seq_len, batch_size, grad_accum and steps must be at least 1"),
+                  (min(self.seq_len, self.batch_size, self.grad_accum, self.steps, self.cp_degree) >= 1,
+                   "seq_len, batch_size, grad_accum, steps and cp_degree must be at least 1"),
+                  (self.cp_degree == 1 or self.seq_len % (2 * self.cp_degree) == 0,
+                   "seq_len must be a multiple of 2 * cp_degree (each rank holds two equal chunks)"),
                   (self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0, "lr must be > 0, warmup_steps and "
                                                                                    "grad_clip >= 0")]
         for ok, message in checks:
@@ -162,12 +166,16 @@ def lr_lambda(cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def lm_loss(model, tokens, doc_ids, doc_masking: bool) -> torch.Tensor:
+def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None) -> torch.Tensor:
     """Next-token cross-entropy of a packed batch (B, S + 1). With document masking each document is attended to on
-    its own, and the token after a document's last one (another document's first) is not predicted."""
+    its own, and the token after a document's last one (another document's first) is not predicted. With a context-
+    parallel group, this rank's share: the group's mean of it is the loss of the whole sequence."""
     inputs, targets, docs = tokens[:, :-1], tokens[:, 1:].clone(), doc_ids[:, :-1]
     if doc_masking:
         targets[doc_ids[:, 1:] != docs] = -100
+    if cp_group is not None:
+        logits = cp_forward(model, shard(inputs, cp_group), cp_group, docs if doc_masking else None)  # (B, S/cp, V)
+        return cp_cross_entropy(logits, shard(targets, cp_group), cp_group)
     logits = model(inputs, doc_ids=docs if doc_masking else None)  # (B, S, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
@@ -263,7 +271,12 @@ def run(cfg, rank, world, device, resume, export_only):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(model_cfg, state_dict)  # fp32 master weights
     n_params = sum(p.numel() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = init_device_mesh(device.type, (world,))  # FSDP shards over every rank
+    if world % cfg.cp_degree:
+        raise UserError(f"cp_degree={cfg.cp_degree} must divide the number of processes ({world}); change one.")
+    dp_world = world // cfg.cp_degree  # ranks that read different data; each group of cp_degree shares sequences
+    grid = init_device_mesh(device.type, (dp_world, cfg.cp_degree), mesh_dim_names=("dp", "cp"))
+    dp_rank, cp_group = grid.get_local_rank("dp"), grid.get_group("cp") if cfg.cp_degree > 1 else None
     model = shard_model(model, cfg, mesh)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
@@ -275,8 +288,8 @@ def run(cfg, rank, world, device, resume, export_only):
     if rank != 0:
         docs = load_documents(cfg.data, tok, "train")
     stream = PackedStream(docs, cfg.seq_len, seed=cfg.seed, upsample_long=cfg.data.upsample_long,
-                          long_doc_tokens=cfg.data.long_doc_tokens, prefix=prefix, suffix=separator, rank=rank,
-                          world_size=world)
+                          long_doc_tokens=cfg.data.long_doc_tokens, prefix=prefix, suffix=separator, rank=dp_rank,
+                          world_size=dp_world)
     step = load_checkpoint(found[-1], model, optimizer, scheduler, stream) if found else 0
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
@@ -294,10 +307,10 @@ def run(cfg, rank, world, device, resume, export_only):
         loss_sum, flops = torch.zeros((), device=device), 0.0
         for _ in range(cfg.grad_accum):
             tokens, doc_ids = stream.next_batch(cfg.batch_size)
-            loss = lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking)
+            loss = lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-            flops += step_flops(model_cfg, n_params, doc_ids, cfg.doc_masking)
+            flops += step_flops(model_cfg, n_params, doc_ids, cfg.doc_masking) / cfg.cp_degree  # this rank's
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
@@ -308,7 +321,7 @@ def run(cfg, rank, world, device, resume, export_only):
         loss_value = loss_sum.item() / cfg.grad_accum  # waits for the step's GPU work: the time below is all of it
         elapsed = time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.steps:
-            tokens_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * world
+            tokens_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * dp_world
             record = dict(step=step, loss=loss_value, lr=lr,
                           grad_norm=float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
                           tokens_per_s=tokens_step / elapsed, step_s=elapsed)
@@ -320,7 +333,8 @@ def run(cfg, rank, world, device, resume, export_only):
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0:
-            log(dict(step=step, eval_loss=evaluate(model, cfg, tok, prefix, separator, rank, world, device)))
+            loss_eval = evaluate(model, cfg, tok, prefix, separator, dp_rank, dp_world, device, cp_group)
+            log(dict(step=step, eval_loss=loss_eval))
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_checkpoint(out_dir, step, model, optimizer, scheduler, stream, cfg)
     bar.close()
@@ -332,7 +346,7 @@ def run(cfg, rank, world, device, resume, export_only):
 
 
 @torch.no_grad()
-def evaluate(model, cfg: TrainConfig, tok, prefix, separator, rank: int, world: int, device) -> float:
+def evaluate(model, cfg: TrainConfig, tok, prefix, separator, rank: int, world: int, device, cp_group=None) -> float:
     """Mean loss on the same held-out windows every time."""
     stream = PackedStream(load_documents(cfg.data, tok, "eval"), cfg.seq_len, seed=cfg.seed, prefix=prefix,
                           suffix=separator, rank=rank, world_size=world)
@@ -340,7 +354,7 @@ def evaluate(model, cfg: TrainConfig, tok, prefix, separator, rank: int, world: 
     total = torch.zeros((), device=device)
     for _ in range(cfg.eval_batches):
         tokens, doc_ids = stream.next_batch(cfg.batch_size)
-        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking)
+        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group)
     model.train()
     dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return total.item() / cfg.eval_batches

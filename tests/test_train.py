@@ -84,7 +84,19 @@ def test_full_attention_baseline_in_one_process(tmp_path, corpus):
     assert set(records[0]["layout"]) == {"full"} and records[0]["world_size"] == 1
 
 
+@pytest.mark.parametrize("doc_masking", ["true", "false"])
+def test_context_parallel_run_equals_one_process(tmp_path, corpus, doc_masking):
+    """Two ranks splitting every sequence (cp_degree=2) train exactly as one process does on the same data: the
+    sink_window layers exchange only their halo without documents, and all-gather with them."""
+    args = ["steps=3", f"doc_masking={doc_masking}"]
+    single = train(tmp_path / "single", corpus, *args, nproc=1)
+    split = train(tmp_path / "cp", corpus, *args, "cp_degree=2", nproc=2)
+    assert split[0]["world_size"] == 2 and split[0]["local_params"] < 0.6 * split[0]["params"]
+    assert losses(split) == pytest.approx(losses(single), rel=1e-4)
+
+
 @pytest.mark.parametrize("override, message", [
+    ("cp_degree=3", "seq_len must be a multiple of 2 * cp_degree"),
     ("lrr=1", "Unknown config key lrr"),
     ("lr=fast", "lr must be float"),
     ("data.pathz=[x]", "Unknown config key data.pathz"),
