@@ -29,6 +29,7 @@ import torch
 import longgen
 import train
 from cache import Cache
+from config import parse_length
 from errors import UserError, run_cli
 from generate import compiled_decode, decode_one, prefill
 from masks import block_mask
@@ -210,14 +211,6 @@ def hf_decode(cfg, length: int, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    try:
-        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-    except ValueError:
-        raise UserError(f"Cannot read the length {text!r}; write lengths like 16k,32k or 16384.") from None
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="16k,32k,64k,128k", help="context lengths (prompt tokens), e.g. 4k,32k")

@@ -76,3 +76,12 @@ def _check(value, kind, key: str):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise UserError(f"Config key {key} must be {kind.__name__}, not {value!r}.")
     return value
+
+
+def parse_length(text: str) -> int:
+    """A context length from the command line: tokens, or thousands of 1,024 with a k ("4k" = 4096)."""
+    text = text.strip().lower()
+    try:
+        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+    except ValueError:
+        raise UserError(f"Cannot read the length {text!r}: it is not a number of tokens like 4096 or 4k.") from None

@@ -22,18 +22,11 @@ import torch
 import generate as gen
 import kv_policies
 import longgen
+from config import parse_length
 from errors import UserError, run_cli
 from eval_tasks import Task, tasks_for
 
 RULER_THRESHOLD = 85.6  # RULER's effective length: the longest length whose mean score stays above this
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    try:
-        return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-    except ValueError:
-        raise UserError(f"Length {text!r} is not a number of tokens like 4096 or 4k.") from None
 
 
 def answer(model, tok, prompts: list[list[int]], max_new_tokens: int, policy: str, budget: int) -> list[str]:

@@ -256,6 +256,8 @@ def train(cfg: TrainConfig, resume: bool = False, export_only: bool = False) -> 
 
 
 def run(cfg, rank, world, device, resume, export_only):
+    if world % cfg.cp_degree:
+        raise UserError(f"cp_degree={cfg.cp_degree} must divide the number of processes ({world}); change one.")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     found = checkpoint_dirs(out_dir)
@@ -272,8 +274,6 @@ def run(cfg, rank, world, device, resume, export_only):
     model = build(model_cfg, state_dict)  # fp32 master weights
     n_params = sum(p.numel() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
     mesh = init_device_mesh(device.type, (world,))  # FSDP shards over every rank
-    if world % cfg.cp_degree:
-        raise UserError(f"cp_degree={cfg.cp_degree} must divide the number of processes ({world}); change one.")
     dp_world = world // cfg.cp_degree  # ranks that read different data; each group of cp_degree shares sequences
     grid = init_device_mesh(device.type, (dp_world, cfg.cp_degree), mesh_dim_names=("dp", "cp"))
     dp_rank, cp_group = grid.get_local_rank("dp"), grid.get_group("cp") if cfg.cp_degree > 1 else None

@@ -97,6 +97,7 @@ def test_context_parallel_run_equals_one_process(tmp_path, corpus, doc_masking):
 
 @pytest.mark.parametrize("override, message", [
     ("cp_degree=3", "seq_len must be a multiple of 2 * cp_degree"),
+    ("cp_degree=2", "cp_degree=2 must divide the number of processes (1)"),
     ("lrr=1", "Unknown config key lrr"),
     ("lr=fast", "lr must be float"),
     ("data.pathz=[x]", "Unknown config key data.pathz"),
