@@ -27,6 +27,12 @@ def read_metrics(path: str) -> tuple[str, list[dict]]:
     return (p.name if p.is_dir() else p.stem), records
 
 
+def by_step(records: list[dict], key: str) -> list[dict]:
+    """The records holding `key`, one per step in step order. A resumed run logs the steps after its last checkpoint
+    twice; the later record is the one the run continued from."""
+    return sorted({r["step"]: r for r in records if key in r}.values(), key=lambda r: r["step"])
+
+
 def trailing_mean(values: list[float], n: int) -> list[float]:
     return [sum(values[max(0, i - n + 1):i + 1]) / (i + 1 - max(0, i - n + 1)) for i in range(len(values))]
 
@@ -39,8 +45,7 @@ def plot(runs: list[tuple[str, list[dict]]], out: str, smooth: int) -> None:
 
     fig, (ax_loss, ax_eval, ax_speed) = plt.subplots(1, 3, figsize=(15, 4))
     for name, records in runs:
-        steps = [r for r in records if "loss" in r]
-        evals = [r for r in records if "eval_loss" in r]
+        steps, evals = by_step(records, "loss"), by_step(records, "eval_loss")
         x = [r["step"] for r in steps]
         line, = ax_loss.plot(x, trailing_mean([r["loss"] for r in steps], smooth), label=name)
         ax_loss.plot(x, [r["loss"] for r in steps], color=line.get_color(), alpha=0.2, linewidth=0.8)

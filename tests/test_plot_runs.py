@@ -24,6 +24,13 @@ def test_two_runs_make_one_png(tmp_path):
     assert plot_runs.trailing_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
 
 
+def test_a_resumed_run_keeps_the_later_record_of_a_repeated_step():
+    records = [dict(step=1, loss=3.0), dict(step=2, loss=2.9), dict(step=2, loss=2.5), dict(step=3, loss=2.0),
+               dict(step=3, eval_loss=2.2)]
+    assert [r["loss"] for r in plot_runs.by_step(records, "loss")] == [3.0, 2.5, 2.0]
+    assert plot_runs.by_step(records, "eval_loss") == [dict(step=3, eval_loss=2.2)]
+
+
 def test_missing_or_foreign_files_are_named(tmp_path):
     with pytest.raises(UserError, match="No metrics at"):
         plot_runs.read_metrics(str(tmp_path / "nothing"))
