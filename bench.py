@@ -169,7 +169,7 @@ def train_step(cfg, length: int, args) -> dict:
     doc_ids = torch.zeros_like(tokens)
 
     def step():
-        train.lm_loss(model, tokens, doc_ids, doc_masking=False).backward()
+        train.lm_loss(model, tokens, doc_ids, doc_masking=False, loss_chunk=args.loss_chunk).backward()
         model.zero_grad(set_to_none=True)
 
     if device != "cpu":
@@ -181,7 +181,8 @@ def train_step(cfg, length: int, args) -> dict:
         return dict(skipped="out of memory")
     peak = torch.cuda.max_memory_allocated() if device != "cpu" else 0
     pairs = {k: cfg.pattern(k).pairs(length) for k in set(cfg.attn)}
-    return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak, attn_pairs=sum(pairs[k] for k in cfg.attn))
+    return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak, attn_pairs=sum(pairs[k] for k in cfg.attn),
+                loss_chunk=args.loss_chunk)
 
 
 def hf_decode(cfg, length: int, args) -> dict:
@@ -221,6 +222,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, help="model depth for inference (default: the preset's)")
     p.add_argument("--train-layers", type=int, default=8, help="depth of the training-step model (full width)")
     p.add_argument("--train-lengths", help="training-step lengths (default: --lengths)")
+    p.add_argument("--loss-chunk", type=int, default=4096, help="tokens whose logits exist at once in the training "
+                                                                "loss, as train.py's loss_chunk (0: all)")
     p.add_argument("--hf-lengths", help="lengths for the transformers peer (default: --lengths)")
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps reserved; a quarter of them timed")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, as generate.py --chunk")
@@ -242,6 +245,8 @@ def parse_args(argv=None):
     args.parts = args.parts.split(",")
     if set(args.parts) - set(PARTS):
         raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
+    if args.loss_chunk < 0:
+        raise UserError("--loss-chunk must be >= 0 (0: the whole sequence at once).")
     if args.new_tokens < 4:
         raise UserError("--new-tokens must be at least 4 (a quarter of them are timed).")
     return args
@@ -332,15 +337,16 @@ def tables(report: dict) -> str:
         out.append("\n| context | variant | BlockMask build ms |\n|---|---|---|")
         out += [f"| {r['length']} | {r['variant']} | {r['build_ms']:.1f} |" for r in report["masks"]]
     if report["train"]:
-        out.append("\n| context | layout | layers (full) | step ms | speed-up | peak GiB |\n|---|---|---|---|---|---|")
+        out.append("\n| context | layout | layers (full) | step ms | speed-up | peak GiB | loss chunk |"
+                   "\n|---|---|---|---|---|---|---|")
         for r in report["train"]:
             f = ref("train", r, length=r["length"])
             if "skipped" in r:
                 out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | skipped: "
-                           f"{r['skipped']} |||")
+                           f"{r['skipped']} ||||")
                 continue
             out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | {r['step_ms']:.1f} | "
-                       f"{ratio(f, r, 'step_ms')} | {r['peak_bytes'] / 2**30:.1f} |")
+                       f"{ratio(f, r, 'step_ms')} | {r['peak_bytes'] / 2**30:.1f} | {r['loss_chunk'] or 'all'} |")
     if report["hf"]:
         out.append("\n| context | transformers (static cache, compiled) decode ms | ours, full, batch 1 | compiled |"
                    "\n|---|---|---|---|")

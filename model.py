@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 from errors import UserError
 from masks import KINDS, Pattern, block_mask, dense_mask, document_starts
@@ -264,13 +265,16 @@ class Transformer(nn.Module):
         return masks
 
     def forward(self, tokens_BT: Tensor, *, doc_ids: Tensor | None = None, cache=None,
-                logits_at: Tensor | None = None, positions: Tensor | None = None, masks: dict | None = None) -> Tensor:
+                logits_at: Tensor | None = None, positions: Tensor | None = None, masks: dict | None = None,
+                targets: Tensor | None = None, loss_chunk: int = 4096) -> Tensor:
         """tokens (B, T) -> logits (B, T, V).
         doc_ids (B, T), for packed training sequences: each document is attended to, and positioned, on its own.
         cache (cache.Cache): the tokens continue the cached sequences; the cache is read and updated.
         logits_at (B,): only the logits at this index of each row, (B, 1, V).
         positions (T,) or (B, T) and masks (one per kind), given together: the tokens' RoPE positions and attention,
-        decided by the caller (context_parallel.cp_forward: a shard of a longer sequence)."""
+        decided by the caller (context_parallel.cp_forward: a shard of a longer sequence).
+        targets (B, T), for training: instead of logits, the summed cross-entropy against them (-100 ignored), made
+        loss_chunk tokens at a time (chunked_cross_entropy)."""
         B, T = tokens_BT.shape
         device = tokens_BT.device
         if cache is not None:
@@ -291,7 +295,24 @@ class Transformer(nn.Module):
             cache.advance(T)
         if logits_at is not None:
             h = h[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, D)
+        if targets is not None:
+            return chunked_cross_entropy(self.norm(h), self.output, targets, loss_chunk)
         return self.output(self.norm(h))  # (B, T, V)
+
+
+def chunked_cross_entropy(h_BTD: Tensor, output: nn.Module, targets_BT: Tensor, chunk: int) -> Tensor:
+    """Summed cross-entropy of output(h) against targets (-100 ignored), without ever holding the (B, T, V) logits:
+    each chunk of tokens makes its logits, its loss, and drops them; the backward pass makes them again. At 128K tokens
+    and 32,000 words the logits in bf16 plus their fp32 copy are 23 GiB; a 4,096-token chunk holds 0.7 GiB, for one
+    more pass of the output layer. chunk=0: all at once."""
+    def piece(h, t):
+        return F.cross_entropy(output(h).flatten(0, 1).float(), t.flatten(), ignore_index=-100, reduction="sum")
+
+    T = h_BTD.shape[1]
+    if not chunk or chunk >= T:
+        return piece(h_BTD, targets_BT)
+    return sum(checkpoint(piece, h_BTD[:, i:i + chunk], targets_BT[:, i:i + chunk], use_reentrant=False)
+               for i in range(0, T, chunk))
 
 
 def build(cfg: Config, state_dict: dict[str, Tensor] | None = None, *, device=None, dtype=None) -> Transformer:

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -77,6 +76,7 @@ class TrainConfig:
     # systems
     dtype: str = "bfloat16"  # compute dtype (FSDP2 mixed precision; master weights and reductions stay fp32)
     activation_checkpointing: bool = True
+    loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (0: the whole sequence)
     cp_degree: int = 1  # context parallel: ranks that split each sequence between them (divides the world size)
     compile: bool = True
     peak_tflops: float | None = None  # for MFU; default: from the GPU's name
@@ -97,6 +97,7 @@ class TrainConfig:
                    "seq_len, batch_size, grad_accum, steps and cp_degree must be at least 1"),
                   (self.cp_degree == 1 or self.seq_len % (2 * self.cp_degree) == 0,
                    "seq_len must be a multiple of 2 * cp_degree (each rank holds two equal chunks)"),
+                  (self.loss_chunk >= 0, "loss_chunk must be >= 0 (0: the whole sequence at once)"),
                   (self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0, "lr must be > 0, warmup_steps and "
                                                                                    "grad_clip >= 0")]
         for ok, message in checks:
@@ -166,18 +167,19 @@ def lr_lambda(cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None) -> torch.Tensor:
+def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None, loss_chunk: int = 4096) -> torch.Tensor:
     """Next-token cross-entropy of a packed batch (B, S + 1). With document masking each document is attended to on
-    its own, and the token after a document's last one (another document's first) is not predicted. With a context-
-    parallel group, this rank's share: the group's mean of it is the loss of the whole sequence."""
+    its own, and the token after a document's last one (another document's first) is not predicted. The logits are
+    made loss_chunk tokens at a time (model.chunked_cross_entropy; 0: all at once). With a context-parallel group,
+    this rank's share, from its whole shard's logits: the group's mean of it is the loss of the whole sequence."""
     inputs, targets, docs = tokens[:, :-1], tokens[:, 1:].clone(), doc_ids[:, :-1]
     if doc_masking:
         targets[doc_ids[:, 1:] != docs] = -100
     if cp_group is not None:
         logits = cp_forward(model, shard(inputs, cp_group), cp_group, docs if doc_masking else None)  # (B, S/cp, V)
         return cp_cross_entropy(logits, shard(targets, cp_group), cp_group)
-    logits = model(inputs, doc_ids=docs if doc_masking else None)  # (B, S, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    loss_sum = model(inputs, doc_ids=docs if doc_masking else None, targets=targets, loss_chunk=loss_chunk)
+    return loss_sum / (targets != -100).sum().clamp(min=1)
 
 
 def step_flops(model_cfg, n_params: int, doc_ids, doc_masking: bool) -> float:
@@ -307,7 +309,8 @@ def run(cfg, rank, world, device, resume, export_only):
         loss_sum, flops = torch.zeros((), device=device), 0.0
         for _ in range(cfg.grad_accum):
             tokens, doc_ids = stream.next_batch(cfg.batch_size)
-            loss = lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group)
+            loss = lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group,
+                           cfg.loss_chunk)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             flops += step_flops(model_cfg, n_params, doc_ids, cfg.doc_masking) / cfg.cp_degree  # this rank's
@@ -354,7 +357,7 @@ def evaluate(model, cfg: TrainConfig, tok, prefix, separator, rank: int, world: 
     total = torch.zeros((), device=device)
     for _ in range(cfg.eval_batches):
         tokens, doc_ids = stream.next_batch(cfg.batch_size)
-        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group)
+        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group, cfg.loss_chunk)
     model.train()
     dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return total.item() / cfg.eval_batches

@@ -112,6 +112,26 @@ def test_cpu_fallback_has_gradients(sparse):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("chunk", [0, 16, 45, 500])
+def test_chunked_loss_equals_the_whole_logits_loss(chunk):
+    """The loss made chunk by chunk (logits recomputed in backward) has the loss and gradients of the plain one, for
+    chunks that do and do not divide the sequence, with ignored targets."""
+    model = tiny_longgen("sink_window")
+    tokens = torch.randint(0, 512, (2, 121))
+    targets = tokens[:, 1:].clone()
+    targets[0, 30:50] = -100
+    plain = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), targets.flatten(),
+                                              ignore_index=-100, reduction="sum")
+    plain.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = model(tokens[:, :-1], targets=targets, loss_chunk=chunk)
+    chunked.backward()
+    torch.testing.assert_close(chunked, plain, atol=1e-4, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("sparse", ["sink_window", "strided"])
 def test_packed_documents_equal_separate_sequences(sparse):
     """Every kind supports packing: each document gets the logits it would get alone."""
