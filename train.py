@@ -48,6 +48,25 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for M
 
 
 @dataclass
+class PatternConfig:
+    """The sparse layers' pattern. Unset keys keep model.Config's defaults: sink 64 + window 2,048; strided blocks of
+    64 tokens, 16 local blocks, every 64th block kept."""
+    n_sink: int | None = None
+    window: int | None = None
+    block: int | None = None
+    local_blocks: int | None = None
+    stride: int | None = None
+
+    def __post_init__(self):
+        given = self.overrides()
+        if any(v < (k != "n_sink") for k, v in given.items()):
+            raise UserError(f"Bad config: pattern values must be positive integers (n_sink may be 0), not {given}.")
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class TrainConfig:
     # the model
     checkpoint: str | None = None  # pretrained model: .gguf, HF directory or longgen checkpoint (default: SmolLM2)
@@ -56,6 +75,7 @@ class TrainConfig:
     # the recipe
     baseline: str = "longgen"  # longgen: convert to the hybrid layout; full: extend with every layer full
     sparse: str = "sink_window"
+    pattern: PatternConfig = field(default_factory=PatternConfig)  # e.g. pattern.window=4096
     full_fraction: float = 1 / 3
     placement: str = "middle"
     rope_theta: float | None = None  # new RoPE base for the longer context (e.g. 10,000 -> 5,000,000); None keeps it
@@ -130,7 +150,8 @@ def model_config(cfg: TrainConfig, tok):
     else:
         base, state_dict = weights.read_checkpoint(cfg.checkpoint or weights.default_checkpoint())
     new = longgen.convert(base, sparse=cfg.sparse, full_fraction=cfg.full_fraction, placement=cfg.placement,
-                          rope_theta=cfg.rope_theta, max_seq_len=max(cfg.seq_len, base.max_seq_len))
+                          rope_theta=cfg.rope_theta, max_seq_len=max(cfg.seq_len, base.max_seq_len),
+                          **cfg.pattern.overrides())
     return (longgen.full_attention(new) if cfg.baseline == "full" else new), state_dict
 
 

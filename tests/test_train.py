@@ -6,6 +6,8 @@ import sys
 import pytest
 
 import longgen
+import train as train_py
+from config import load_config
 from conftest import ROOT
 
 WORDS = "the long context of a story unfolds over many chapters and every chapter remembers the first one".split()
@@ -95,6 +97,15 @@ def test_context_parallel_run_equals_one_process(tmp_path, corpus, doc_masking):
     assert losses(split) == pytest.approx(losses(single), rel=1e-4)
 
 
+def test_pattern_keys_reach_the_converted_model():
+    cfg = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", ["pattern.window=40", "pattern.n_sink=0"])
+    model_cfg, _ = train_py.model_config(cfg, type("Tok", (), {"n_vocab": 512}))
+    assert (model_cfg.window, model_cfg.n_sink) == (40, 0) and "sink_window" in model_cfg.attn
+    default, _ = train_py.model_config(load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml"),
+                                       type("Tok", (), {"n_vocab": 512}))
+    assert default.window != 40
+
+
 @pytest.mark.parametrize("override, message", [
     ("cp_degree=3", "seq_len must be a multiple of 2 * cp_degree"),
     ("cp_degree=2", "cp_degree=2 must divide the number of processes (1)"),
@@ -102,6 +113,8 @@ def test_context_parallel_run_equals_one_process(tmp_path, corpus, doc_masking):
     ("lr=fast", "lr must be float"),
     ("data.pathz=[x]", "Unknown config key data.pathz"),
     ("baseline=half", "baseline must be longgen or full"),
+    ("pattern.window=0", "pattern values must be positive integers"),
+    ("pattern.windw=8", "Unknown config key pattern.windw"),
 ])
 def test_bad_config_is_one_sentence(override, message):
     done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", override], cwd=ROOT,
