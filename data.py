@@ -58,7 +58,7 @@ def load_documents(cfg: DataConfig, tokenizer, split: str = "train") -> dict[str
     if split == "eval" and cfg.eval_fraction == 0:
         raise UserError("There is no eval split with eval_fraction=0; set DataConfig.eval_fraction above 0.")
     sources = _sources(cfg.paths)  # name -> files
-    tokenizer_id = _tokenizer_id(tokenizer)
+    tokenizer_id = tokenizer.fingerprint()
     cached = {f: _cache_file(cfg, f, tokenizer_id) for files in sources.values() for f in files}
     if todo := [f for f, c in cached.items() if not c.is_file()]:
         bar = tqdm(desc=f"tokenising {len(todo)} files", unit="doc", total=0)
@@ -139,12 +139,6 @@ def _json_records(path: Path) -> list:
             where = "" if whole else f" line {n}"
             raise UserError(f"{path}{where} is not valid JSON ({e}); fix or remove that record.") from None
     return records[0] if whole else records
-
-
-def _tokenizer_id(tokenizer) -> str:
-    """A hash of what decides the token ids: the split pattern, the special tokens and the BPE ranks."""
-    ranks = sorted(tokenizer._ranks.items(), key=lambda item: item[1])
-    return hashlib.sha256(repr((tokenizer._pattern, sorted(tokenizer._special.items()), ranks)).encode()).hexdigest()
 
 
 def _cache_file(cfg: DataConfig, path: Path, tokenizer_id: str) -> Path:

@@ -1,5 +1,6 @@
 """Tokenisation with tiktoken, built from a checkpoint's own byte-level BPE data: GGUF metadata, an HF tokenizer.json,
-a Llama-3 tiktoken `tokenizer.model`, or the two files `Tokenizer.save` writes.
+a Llama-3 tiktoken `tokenizer.model`, or the two files `Tokenizer.save` writes. Llama-2's SentencePiece BPE, whose
+ids do not follow its merge order, has a class of its own in plain Python: `SentencePieceTokenizer`.
 
 tiktoken merges the adjacent pair whose concatenation has the lowest rank and returns that rank as the id, so a
 vocabulary fits it when its ids follow its merge order (GPT-2, SmolLM2 and Llama-3 do). Where tiktoken and HF
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import codecs
+import hashlib
+import heapq
 import json
 from collections.abc import Iterable
 from datetime import datetime
@@ -99,6 +102,12 @@ class Tokenizer:
         """The text the tokens stand for; bytes that are not valid UTF-8 become U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def fingerprint(self) -> str:
+        """A hash of what decides the token ids (the split pattern, the special tokens, the BPE ranks): tokenised
+        corpora are cached under it."""
+        ranks = sorted(self._ranks.items(), key=lambda item: item[1])
+        return hashlib.sha256(repr((self._pattern, sorted(self._special.items()), ranks)).encode()).hexdigest()
+
     @cached_property
     def _template(self) -> jinja2.Template:
         if self.chat_template is None:
@@ -148,6 +157,109 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+class SentencePieceTokenizer(Tokenizer):
+    """Llama-2's tokenizer (SentencePiece BPE with byte fallback), as HF `tokenizers` runs it: spaces become "▁" and
+    one "▁" goes before the text; then, over the whole text, the adjacent pair of symbols that comes first in
+    `merges` is merged, again and again; a symbol left that is no token becomes the <0xXX> tokens of its UTF-8 bytes.
+    `pieces`: the token of each id. Special tokens (`special`, e.g. <s>) are not matched in the text."""
+
+    def __init__(self, pieces: list[str], merges: list[list[str]], special: dict[str, int], *, bos_id=None,
+                 eos_id=None, stop_ids: Iterable[int] = (), add_bos: bool = True, chat_template: str | None = None,
+                 unk_id: int | None = None):
+        self._pieces, self._merges, self._special, self._unk_id = list(pieces), [list(m) for m in merges], special, \
+            unk_id
+        self._vocab = {p: i for i, p in enumerate(self._pieces)}
+        self._rank = {(a, b): r for r, (a, b) in reversed(list(enumerate(self._merges)))}  # the first listing wins
+        self._bytes = [bytes([int(p[3:5], 16)]) if len(p) == 6 and p[:3] == "<0x" and p[5] == ">" else
+                       (p if p in special else p.replace("▁", " ")).encode() for p in self._pieces]
+        # Pieces never span "x▁" (x not ▁) in Llama-2: then each "▁..." word merges on its own, and is cached.
+        self._by_word = not any(regex.search("[^▁]▁", p) for p in self._pieces)
+        self._cache: dict[str, list[int]] = {}
+        self.bos_id, self.eos_id, self.add_bos, self.chat_template = bos_id, eos_id, add_bos, chat_template
+        self.stop_ids = frozenset([*stop_ids, *([] if eos_id is None else [eos_id])])
+        self.n_vocab = len(self._pieces)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`, after BOS if `add_bos` (default: the checkpoint's own setting)."""
+        add_bos = self.add_bos if add_bos is None else add_bos
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self.encode_ordinary(text)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if not text:
+            return []
+        text = "▁" + text.replace(" ", "▁")
+        if not self._by_word:
+            return self._bpe(text)
+        ids = []
+        for word in regex.findall("▁*[^▁]*", text):
+            if word:
+                if (cached := self._cache.get(word)) is None:
+                    cached = self._bpe(word)
+                    if len(self._cache) < 500_000:  # bounded: a corpus has many rare words
+                        self._cache[word] = cached
+                ids += cached
+        return ids
+
+    def _bpe(self, text: str) -> list[int]:
+        """Merge the best-ranked adjacent pair (leftmost among equals) until no pair is a merge; symbols are a linked
+        list, candidate pairs a heap whose stale entries are skipped."""
+        sym = list(text)
+        nxt, prv = list(range(1, len(sym) + 1)), list(range(-1, len(sym) - 1))
+        heap = [(r, i, sym[i], sym[i + 1]) for i in range(len(sym) - 1)
+                if (r := self._rank.get((sym[i], sym[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            _, i, a, b = heapq.heappop(heap)
+            j = nxt[i]
+            if sym[i] != a or j >= len(sym) or sym[j] != b:  # stale: a side was merged since
+                continue
+            sym[i], sym[j] = a + b, ""
+            nxt[i] = nxt[j]
+            if nxt[i] < len(sym):
+                prv[nxt[i]] = i
+            for left, right in ((prv[i], i), (i, nxt[i])):
+                if left >= 0 and right < len(sym) and (r := self._rank.get((sym[left], sym[right]))) is not None:
+                    heapq.heappush(heap, (r, left, sym[left], sym[right]))
+        ids, i = [], 0
+        while i < len(sym):
+            if (t := self._vocab.get(sym[i])) is not None:
+                ids.append(t)
+            else:  # byte fallback
+                ids += [self._vocab.get(f"<0x{c:02X}>", self._unk_id) for c in sym[i].encode()]
+            i = nxt[i]
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes the tokens stand for, "▁" as a space (the space before the first word included)."""
+        return b"".join(self._bytes[int(i)] for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text, without the one space that encoding put before it."""
+        text = super().decode(ids)
+        return text[1:] if text.startswith(" ") else text
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(repr((self._pieces, self._merges)).encode()).hexdigest()
+
+    def save(self, directory: str | Path) -> None:
+        """META_FILE only (JSON): the pieces, merges, special tokens and settings."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = dict(sentencepiece=dict(pieces=self._pieces, merges=self._merges, unk_id=self._unk_id),
+                    special=self._special, bos_id=self.bos_id, eos_id=self.eos_id, stop_ids=sorted(self.stop_ids),
+                    add_bos=self.add_bos, chat_template=self.chat_template)
+        (directory / META_FILE).write_text(json.dumps(meta, ensure_ascii=False))
+
+
+def _merges_from_scores(pieces: list[str], scores: list[float], mergeable: list[bool]) -> list[list[str]]:
+    """SentencePiece's rule as merges: the pair (a, b) joins when a + b is a piece, the higher its score the earlier
+    (as transformers' converter lists them)."""
+    vocab = {p for p, ok in zip(pieces, mergeable) if ok}
+    found = [(-score, piece, k) for piece, score, ok in zip(pieces, scores, mergeable) if ok
+             for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+    return [[piece[:k], piece[k:]] for _, piece, k in sorted(found)]
+
+
 def _merge_ranks(vocab: dict[str, int], merges: Iterable[tuple[str, str]], source: Path) -> dict[bytes, int]:
     """tiktoken ranks from a vocabulary spelled in GPT-2's byte alphabet and its merges: each single byte, then
     each merge's result, at its id. Tokens that no merge makes are left out, as HF's BPE never produces them."""
@@ -178,9 +290,22 @@ def from_gguf(path_or_reader: str | Path | gguf.GGUFReader) -> Tokenizer:
         except (OSError, ValueError) as e:
             raise UserError(f"Could not read {source} as GGUF ({e}); re-download or re-convert it.") from None
     get = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
-    if (model := get("tokenizer.ggml.model")) != "gpt2":
-        raise UserError(f"{source} has tokenizer.ggml.model {model!r}, not 'gpt2' (byte-level BPE), the only kind "
-                        "longgen reads; use a GPT-2, SmolLM2 or Llama-3 style checkpoint.")
+    if (model := get("tokenizer.ggml.model")) == "llama":  # SentencePiece BPE (Llama 2)
+        tokens, scores = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores")
+        if scores is None:
+            raise UserError(f"{source} holds a SentencePiece tokenizer without tokenizer.ggml.scores; convert the "
+                            "checkpoint again with llama.cpp's convert_hf_to_gguf.py.")
+        kinds = get("tokenizer.ggml.token_type", [1] * len(tokens))  # 1 normal, 2 unknown, 3 control, 6 byte
+        return SentencePieceTokenizer(
+            tokens, _merges_from_scores(tokens, scores, [k == 1 for k in kinds]),
+            {t: i for i, (t, k) in enumerate(zip(tokens, kinds)) if k in (2, 3, 4)},
+            bos_id=get("tokenizer.ggml.bos_token_id"), eos_id=get("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(get("tokenizer.ggml.add_bos_token", True)), chat_template=get("tokenizer.chat_template"),
+            unk_id=get("tokenizer.ggml.unknown_token_id"))
+    if model != "gpt2":
+        raise UserError(f"{source} has tokenizer.ggml.model {model!r}, not 'gpt2' (byte-level BPE) or 'llama' "
+                        "(SentencePiece BPE), the kinds longgen reads; use a GPT-2, SmolLM2, Llama-2 or Llama-3 "
+                        "style checkpoint.")
     if (pattern := GGUF_PRE.get(pre := get("tokenizer.ggml.pre", "default"))) is None:
         raise UserError(f"{source} has pre-tokenizer {pre!r}, which longgen lacks; use a checkpoint with one of "
                         f"{', '.join(GGUF_PRE)}.")
@@ -211,6 +336,17 @@ def _hf_pattern(pre: dict | None) -> str | None:
     return None
 
 
+def _is_llama2(spec: dict) -> bool:
+    """tokenizer.json spells Llama-2's SentencePiece steps: "▁" for spaces and before the text, no splitting."""
+    norm, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", [norm] if norm else [])
+    if [(n.get("type"), n.get("prepend") or n.get("content"), n.get("pattern")) for n in steps] == \
+            [("Prepend", "▁", None), ("Replace", "▁", {"String": " "})] and not pre:
+        return True
+    return not norm and pre.get("type") == "Metaspace" and pre.get("replacement") == "▁" and not pre.get("split") \
+        and (pre.get("prepend_scheme") in ("first", "always") or pre.get("add_prefix_space"))
+
+
 def from_hf(directory: str | Path) -> Tokenizer:
     """The tokenizer in an HF directory: tokenizer.json (byte-level BPE), with tokenizer_config.json (BOS, EOS,
     chat template), chat_template.jinja and generation_config.json (more stop ids) where present."""
@@ -218,6 +354,19 @@ def from_hf(directory: str | Path) -> Tokenizer:
     read = lambda name: _read_json(directory / name) if (directory / name).is_file() else {}  # noqa: E731
     spec, config, generation = read("tokenizer.json"), read("tokenizer_config.json"), read("generation_config.json")
     model, pattern = spec.get("model", {}), _hf_pattern(spec.get("pre_tokenizer"))
+    if model.get("type") == "BPE" and model.get("byte_fallback") and _is_llama2(spec):
+        special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        pieces = [""] * (max([*model["vocab"].values(), *special.values()]) + 1)
+        for piece, i in (*model["vocab"].items(), *special.items()):
+            pieces[i] = piece
+        merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+        bos, eos = (t["content"] if isinstance(t, dict) else t
+                    for t in (config.get("bos_token", "<s>"), config.get("eos_token", "</s>")))
+        stop = generation.get("eos_token_id", [])
+        return SentencePieceTokenizer(
+            pieces, merges, special, bos_id=special.get(bos), eos_id=special.get(eos),
+            add_bos=config.get("add_bos_token", True), unk_id=special.get(model.get("unk_token")),
+            chat_template=config.get("chat_template"), stop_ids=stop if isinstance(stop, list) else [stop])
     if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") or pattern is None:
         raise UserError(f"{directory / 'tokenizer.json'} is not a byte-level BPE tokenizer (GPT-2, SmolLM2 or "
                         "Llama-3 style), the only kind longgen reads; use such a checkpoint.")
@@ -249,7 +398,9 @@ def load(path: str | Path) -> Tokenizer:
         return from_gguf(path)
     if (path / META_FILE).is_file():
         try:
-            return Tokenizer(_read_ranks(path / RANKS_FILE), **_read_json(path / META_FILE))
+            if "sentencepiece" in (meta := _read_json(path / META_FILE)):
+                return SentencePieceTokenizer(**meta.pop("sentencepiece"), **meta)
+            return Tokenizer(_read_ranks(path / RANKS_FILE), **meta)
         except TypeError as e:  # META_FILE lacks a setting or has one we do not know
             raise UserError(f"{path / META_FILE} is damaged ({e}); save the tokenizer again.") from None
     if (path / "tokenizer.json").is_file():
@@ -269,8 +420,8 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
         return {base64.b64decode(token, validate=True): int(rank)
                 for token, rank in (line.split() for line in path.read_bytes().splitlines() if line)}
     except (OSError, ValueError):  # ValueError: not two fields, bad base64 (binascii.Error), a rank not a number
-        raise UserError(f"Could not read {path} as a tiktoken BPE file; use a checkpoint with a byte-level BPE "
-                        "tokenizer (a SentencePiece tokenizer.model, as Llama 2 has, is not supported).") from None
+        raise UserError(f"Could not read {path} as a tiktoken BPE file; for a SentencePiece tokenizer.model (Llama "
+                        "2), give the checkpoint's tokenizer.json or a GGUF of it instead.") from None
 
 
 def _read_json(path: Path) -> dict:
