@@ -166,8 +166,8 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, pieces: list[str], merges: list[list[str]], special: dict[str, int], *, bos_id=None,
                  eos_id=None, stop_ids: Iterable[int] = (), add_bos: bool = True, chat_template: str | None = None,
                  unk_id: int | None = None):
-        self._pieces, self._merges, self._special, self._unk_id = list(pieces), [list(m) for m in merges], special, \
-            unk_id
+        self._pieces, self._merges = list(pieces), [list(m) for m in merges]
+        self._special, self._unk_id = special, unk_id
         self._vocab = {p: i for i, p in enumerate(self._pieces)}
         self._rank = {(a, b): r for r, (a, b) in reversed(list(enumerate(self._merges)))}  # the first listing wins
         self._bytes = [bytes([int(p[3:5], 16)]) if len(p) == 6 and p[:3] == "<0x" and p[5] == ">" else
