@@ -2,12 +2,14 @@
 depend on their values).
 
     python bench.py [--lengths 16k,32k,64k,128k] [--batch 1,8] [--variant sink_window,strided]
-                    [--parts inference,masks,train,hf] [--json out.json]
+                    [--parts inference,products,masks,train,hf] [--json out.json]
 
 For each layout (every layer full, then LongGen with each sparse variant) it measures:
 - inference, per context length and batch: the KV cache bytes actually allocated, the chunked prefill time (as
   generate.py runs it), and decode ms/token with the compiled CUDA-graph step, against the memory-bandwidth roofline:
   (weight bytes + KV bytes read per token) / measured copy bandwidth;
+- products: each matrix-vector product of a batch-1 decoding step, as cuBLAS alone, as the plain step (norm or
+  activation, cuBLAS, residual) and as kernels.py's fused Triton kernel, in GB/s of weights read;
 - masks: the time to build each sparse pattern's BlockMask at each length;
 - train: one training step (forward + backward of the loss, activation checkpointing and per-block compile as
   train.py) of a reduced-depth model at full width (`--train-layers`, default 8: 3 full of 8 is LongGen's 12 of 32);
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
+import kernels
 import longgen
 import train
 from cache import Cache
@@ -35,7 +40,7 @@ from generate import compiled_decode, decode_one, prefill
 from masks import block_mask
 from model import build, preset
 
-PARTS = ("inference", "masks", "train", "hf")
+PARTS = ("inference", "products", "masks", "train", "hf")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -141,6 +146,56 @@ def profile_decode(model, length: int, args) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
+def graph_ms(fn, device) -> float:
+    """Median ms of fn replayed as one CUDA graph (no launch gaps between its kernels); on a CPU, of fn itself."""
+    if torch.device(device).type != "cuda":
+        return median_ms(fn, device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()  # warm-up outside the graph: Triton's autotuning runs here
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, device, 5)
+
+
+def products(cfg, args, copy_GBps: float) -> list[dict]:
+    """Each matrix-vector product of a batch-1 decoding step, three ways: cuBLAS alone (F.linear); the plain step (its
+    RMSNorm or SiLU x up as kernels of their own, then cuBLAS, then the residual add); kernels.py's fused kernel, which
+    does all of it in one. Weights rotate through copies of 4x the L2 cache, so each is read from memory."""
+    device, dtype = args.device, torch.bfloat16
+    D, Fd, E = cfg.dim, cfg.ffn_dim, cfg.head_dim
+    shapes = {"wqkv, RMSNorm in": ("norm", (cfg.n_heads + 2 * cfg.n_kv_heads) * E, D),
+              "wo, + residual": ("residual", D, cfg.n_heads * E),
+              "w13, RMSNorm in": ("norm", 2 * Fd, D),
+              "w2, SiLU x up in, + residual": ("gated", D, Fd),
+              "output, RMSNorm in": ("norm", cfg.vocab_size, D)}
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device != "cpu" else 0
+    rows = []
+    for name, (kind, N, K) in shapes.items():
+        weights = [torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+                   for _ in range(max(1, math.ceil(4 * l2 / (N * K * 2))))]
+        x = torch.randn(1, 1, 2 * K if kind == "gated" else K, device=device, dtype=dtype)
+        res, norm = torch.randn(1, 1, N, device=device, dtype=dtype), torch.ones(K, device=device, dtype=dtype)
+        plain, fused = {
+            "norm": (lambda w: kernels.norm_linear_reference(x, norm, 1e-5, w),
+                     lambda w: kernels.norm_linear(x, norm, 1e-5, w)),
+            "residual": (lambda w: kernels.linear_reference(x, w, res), lambda w: kernels.linear(x, w, res)),
+            "gated": (lambda w: kernels.gated_linear_reference(x, w, res), lambda w: kernels.gated_linear(x, w, res)),
+        }[kind]
+        alone = (lambda w: F.linear(x[..., :K], w))
+        ms = {key: graph_ms(lambda: [fn(w) for w in weights], device) / len(weights)
+              for key, fn in (("cublas", alone), ("plain", plain), ("fused", fused))}
+        rate = {f"{key}_GBps": N * K * 2 / t / 1e6 for key, t in ms.items()}
+        rows.append(dict(product=name, N=N, K=K, fused_ran=kernels.fused_ok(x, weights[0]),
+                         **{f"{key}_us": t * 1e3 for key, t in ms.items()}, **rate,
+                         fused_of_copy=rate["fused_GBps"] / copy_GBps))
+        del weights
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ masks, training
 def mask_build_ms(cfg, length: int, device) -> float:
     """Median time to build one sparse kind's BlockMask for a whole sequence (what each training forward does)."""
@@ -229,6 +284,10 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, as generate.py --chunk")
     p.add_argument("--flex-decode", default="", help="attention kinds that decode with flex decoding instead of "
                                                      "SDPA with a dense mask, e.g. full,sink_window")
+    p.add_argument("--decode-kernels", default="fused", help="decoding's products: fused (kernels.py's Triton GEMVs "
+                                                               "with RMSNorm, SiLU and residuals inside, at batch 1 on "
+                                                               "a GPU), plain (cuBLAS and separate kernels), or both: "
+                                                               "fused,plain")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decode and training steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write every number here (rewritten after each measurement)")
@@ -242,6 +301,9 @@ def parse_args(argv=None):
     args.batch = [int(b) for b in args.batch.split(",")]
     args.variant = args.variant.split(",")
     args.flex_decode = [k for k in args.flex_decode.split(",") if k]
+    args.decode_kernels = args.decode_kernels.split(",")
+    if not args.decode_kernels or set(args.decode_kernels) - {"fused", "plain"}:
+        raise UserError("--decode-kernels takes fused, plain or fused,plain.")
     args.parts = args.parts.split(",")
     if set(args.parts) - set(PARTS):
         raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
@@ -256,8 +318,8 @@ def run(args) -> dict:
     torch._dynamo.config.recompile_limit = 64  # one decode compile per (layout, length, batch), all measured
     torch.manual_seed(0)
     report = dict(device=torch.cuda.get_device_name() if args.device != "cpu" else "cpu", torch=torch.__version__,
-                  preset=args.preset, flex_decode=args.flex_decode, **ceilings(args.device), inference=[], masks=[],
-                  train=[], hf=[])
+                  preset=args.preset, flex_decode=args.flex_decode, **ceilings(args.device), inference=[], products=[],
+                  masks=[], train=[], hf=[])
     print(f"ceilings: copy {report['copy_GBps']:.0f} GB/s, bf16 matmul {report['matmul_TFLOPs']:.3g} TFLOP/s",
           flush=True)
 
@@ -283,11 +345,16 @@ def run(args) -> dict:
         for length in args.lengths:
             for batch in args.batch:
                 for name, cfg in layouts.items():
-                    model.cfg = cfg
-                    record("inference", dict(layout=name, length=length, batch=batch,
-                                             full_layers=cfg.attn.count("full"),
-                                             **inference(model, length, batch, args, report["copy_GBps"])))
+                    for products_ in args.decode_kernels:
+                        model.cfg, kernels.enabled = cfg, products_ == "fused"
+                        record("inference", dict(layout=name, length=length, batch=batch,
+                                                 full_layers=cfg.attn.count("full"), kernels=products_,
+                                                 **inference(model, length, batch, args, report["copy_GBps"])))
+        kernels.enabled = True
         del model
+    if "products" in args.parts:
+        for row in products(base, args, report["copy_GBps"]):
+            record("products", row)
     if "train" in args.parts:
         small = replace(base, n_layers=args.train_layers, attn=("full",) * args.train_layers)
         for length in args.train_lengths:
@@ -322,17 +389,24 @@ def tables(report: dict) -> str:
                     None)
 
     if report["inference"]:
-        out.append("\n| context | batch | layout | KV GiB | KV vs full | prefill s | speed-up | decode ms | speed-up | "
-                   "of roofline |\n|---|---|---|---|---|---|---|---|---|---|")
+        out.append("\n| context | batch | layout | products | KV GiB | KV vs full | prefill s | speed-up | decode ms | "
+                   "speed-up | of roofline |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for r in report["inference"]:
-            f = ref("inference", r, length=r["length"], batch=r["batch"])
+            f = ref("inference", r, length=r["length"], batch=r["batch"], kernels=r["kernels"])
             if "skipped" in r:
-                out.append(f"| {r['length']} | {r['batch']} | {r['layout']} | skipped: {r['skipped']} |||||||")
+                out.append(f"| {r['length']} | {r['batch']} | {r['layout']} | {r['kernels']} | skipped: {r['skipped']} "
+                           "|||||||")
                 continue
             kv = f"{r['kv_bytes'] / f['kv_bytes'] - 1:+.0%}" if f and f is not r and "skipped" not in f else ""
-            out.append(f"| {r['length']} | {r['batch']} | {r['layout']} | {r['kv_bytes'] / 2**30:.2f} | {kv} | "
-                       f"{r['prefill_s']:.3f} | {ratio(f, r, 'prefill_s')} | {r['decode_ms']:.2f} | "
-                       f"{ratio(f, r, 'decode_ms')} | {r['roofline_frac']:.0%} |")
+            out.append(f"| {r['length']} | {r['batch']} | {r['layout']} | {r['kernels']} | "
+                       f"{r['kv_bytes'] / 2**30:.2f} | {kv} | {r['prefill_s']:.3f} | {ratio(f, r, 'prefill_s')} | "
+                       f"{r['decode_ms']:.2f} | {ratio(f, r, 'decode_ms')} | {r['roofline_frac']:.0%} |")
+    if report["products"]:
+        out.append("\n| decoding product | N x K | cuBLAS alone us | GB/s | plain step us | fused us | GB/s | "
+                   "fused of copy |\n|---|---|---|---|---|---|---|---|")
+        out += [f"| {r['product']} | {r['N']} x {r['K']} | {r['cublas_us']:.1f} | {r['cublas_GBps']:.0f} | "
+                f"{r['plain_us']:.1f} | {r['fused_us']:.1f} | {r['fused_GBps']:.0f} | {r['fused_of_copy']:.0%} |"
+                for r in report["products"]]
     if report["masks"]:
         out.append("\n| context | variant | BlockMask build ms |\n|---|---|---|")
         out += [f"| {r['length']} | {r['variant']} | {r['build_ms']:.1f} |" for r in report["masks"]]

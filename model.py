@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+import kernels
 from errors import UserError
 from masks import KINDS, Pattern, block_mask, dense_mask, document_starts
 
@@ -120,8 +121,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(cfg: Config, device=None) -> Tensor:
@@ -193,9 +193,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x_BTD, rope, mask, cache=None):
-        B, T, _ = x_BTD.shape
+        return self.wo(self.attend(self.wqkv(x_BTD), rope, mask, cache))
+
+    def attend(self, qkv_BTX, rope, mask, cache=None):
+        """The attention between the projections: queries, keys and values in, (B, T, H * E) out."""
+        B, T, _ = qkv_BTX.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x_BTD).split([H * E, G * E, G * E], dim=-1)
+        q, k, v = qkv_BTX.split([H * E, G * E, G * E], dim=-1)
         q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
         k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
         v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
@@ -203,7 +207,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
         y = attend(q, k, v, mask)  # (B, H, T, E)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 class FeedForward(nn.Module):
@@ -213,8 +217,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)  # SwiGLU
+        return kernels.gated_linear(self.w13(x), self.w2.weight)  # w2 @ (silu(gate) * up): SwiGLU
 
 
 class Block(nn.Module):
@@ -226,8 +229,13 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x_BTD, rope, mask, cache=None):
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), rope, mask, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        """h = x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)), written with kernels.py's products:
+        decoding one sequence on a GPU, each norm, activation and residual add runs inside the product next to it."""
+        attn, ffn = self.attention, self.feed_forward
+        qkv = kernels.norm_linear(x_BTD, self.attention_norm.weight, self.attention_norm.eps, attn.wqkv.weight)
+        h = kernels.linear(attn.attend(qkv, rope, mask, cache), attn.wo.weight, residual=x_BTD)
+        gate_up = kernels.norm_linear(h, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w13.weight)
+        return kernels.gated_linear(gate_up, ffn.w2.weight, residual=h)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -297,7 +305,7 @@ class Transformer(nn.Module):
             h = h[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, D)
         if targets is not None:
             return chunked_cross_entropy(self.norm(h), self.output, targets, loss_chunk)
-        return self.output(self.norm(h))  # (B, T, V)
+        return kernels.norm_linear(h, self.norm.weight, self.norm.eps, self.output.weight)  # (B, T, V)
 
 
 def chunked_cross_entropy(h_BTD: Tensor, output: nn.Module, targets_BT: Tensor, chunk: int) -> Tensor:

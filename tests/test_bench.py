@@ -13,7 +13,8 @@ from errors import UserError
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = bench.parse_args(["--preset", "tiny", "--lengths", "256,512", "--batch", "1,2", "--new-tokens", "8",
-                             "--train-lengths", "256", "--hf-lengths", "256", "--no-compile", "--device", "cpu",
+                             "--train-lengths", "256", "--hf-lengths", "256", "--decode-kernels", "fused,plain",
+                             "--no-compile", "--device", "cpu",
                              "--json", str(out)])
     report = bench.run(args)
     return report, json.loads(out.read_text()), bench.tables(report)
@@ -23,8 +24,12 @@ def test_every_row_is_measured_and_written(run):
     report, written, _ = run
     assert written == json.loads(json.dumps(report))
     layouts = ["full", "longgen sink_window", "longgen strided"]
-    assert [(r["length"], r["batch"], r["layout"]) for r in written["inference"]] == \
-        [(n, b, lay) for n in (256, 512) for b in (1, 2) for lay in layouts]
+    assert [(r["length"], r["batch"], r["layout"], r["kernels"]) for r in written["inference"]] == \
+        [(n, b, lay, k) for n in (256, 512) for b in (1, 2) for lay in layouts for k in ("fused", "plain")]
+    assert [r["product"].split(",")[0] for r in written["products"]] == ["wqkv", "wo", "w13", "w2", "output"]
+    for r in written["products"]:
+        assert not r["fused_ran"]  # on a CPU every product takes the reference path
+        assert r["fused_GBps"] == pytest.approx(r["N"] * r["K"] * 2 / r["fused_us"] / 1e3)
     assert [(r["length"], r["variant"]) for r in written["masks"]] == \
         [(n, v) for n in (256, 512) for v in ("sink_window", "strided")]
     assert [(r["layout"], r["layers"], r["full_layers"]) for r in written["train"]] == \
@@ -46,8 +51,9 @@ def test_table_ratios_come_from_the_measurements(run):
     assert len(rows) == len(report["inference"])
     for cells, r in zip(rows, report["inference"]):
         ref = next(x for x in report["inference"] if x["layout"] == "full" and x["length"] == r["length"]
-                   and x["batch"] == r["batch"])
-        kv, prefill, decode = cells[4].strip(), cells[6].strip(), cells[8].strip()
+                   and x["batch"] == r["batch"] and x["kernels"] == r["kernels"])
+        assert cells[3].strip() == r["kernels"]
+        kv, prefill, decode = cells[5].strip(), cells[7].strip(), cells[9].strip()
         if r is ref:
             assert (kv, prefill, decode) == ("", "", "")
         else:
@@ -71,7 +77,8 @@ def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [(["--parts", "decode"], "Unknown parts"),
                                            (["--lengths", "lots"], "Cannot read the length"),
-                                           (["--new-tokens", "2"], "at least 4")])
+                                           (["--new-tokens", "2"], "at least 4"),
+                                           (["--decode-kernels", "cublas"], "fused, plain")])
 def test_bad_arguments_say_what_to_fix(argv, message):
     with pytest.raises(UserError, match=message):
         bench.parse_args(argv)

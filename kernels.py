@@ -1,0 +1,144 @@
+"""Fused matrix-vector products for decoding one sequence at a time (batch 1) on a GPU, in Triton.
+
+A decoding step at batch 1 reads every weight once and does almost nothing else: it is a chain of matrix-vector
+products (GEMVs) with small elementwise steps between them (RMSNorm, SiLU x up, residual adds). As separate kernels
+those steps cost launches and round trips through memory; here each folds into the product next to it:
+
+    norm_linear(x, norm, W)          W @ rmsnorm(x)              the attention and MLP inputs
+    gated_linear(gate_up, W, res)    res + W @ (silu(gate) * up)  the MLP's down projection
+    linear(x, W, res)                res + W @ x                  the attention output
+
+Each has a plain PyTorch reference (`*_reference`, the same arithmetic as model.py, rounding included) that runs
+whenever the Triton kernel cannot: on a CPU, without Triton, for more than one row, or for other dtypes. The tests
+compare the two on a GPU.
+
+One program computes BLOCK_N output rows: it walks along K in BLOCK_K steps, multiplies a (BLOCK_N, BLOCK_K) tile of W
+by the input's slice in fp32, and sums once at the end. RMSNorm's scale needs all of x first: each program reads x once
+for it (K values from L2, next to the N x K weight bytes it streams). Tile sizes are chosen by autotuning per shape.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # the CPU wheel of torch comes without Triton
+    triton = None
+
+NONE, RMSNORM, SWIGLU = 0, 1, 2  # the prologue applied to the input vector
+
+
+# ------------------------------------------------------------------------------------------------ references
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Llama computes it: the scale in fp32, rounded to x's dtype, then times the weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def norm_linear_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    return F.linear(rms_norm(x, norm_weight, eps), weight)
+
+
+def gated_linear_reference(gate_up: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = F.linear(F.silu(gate) * up, weight)
+    return y if residual is None else residual + y
+
+
+def linear_reference(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
+    y = F.linear(x, weight)
+    return y if residual is None else residual + y
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+if triton is not None:
+    def _configs():
+        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for n in (2, 4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 3)
+                if n * k <= 8192]
+
+    @triton.autotune(configs=_configs(), key=["N", "K", "PROLOGUE", "RESIDUAL"])
+    @triton.jit
+    def _gemv_kernel(W, X, G, R, Y, N, K, eps, PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Y[n] = (R[n] +) sum_k W[n, k] * prologue(X)[k], for BLOCK_N rows n per program."""
+        dtype = X.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_rows = rows < N
+        if PROLOGUE == 1:  # RMSNorm's scale, from the whole of x
+            sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+                sq += x * x
+            rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            in_cols = cols < K
+            # Arithmetic in fp32, rounded to the input dtype where eager rounds (the product of two 16-bit floats is
+            # exact in fp32, so each rounding matches eager's bf16/fp16 multiply).
+            if PROLOGUE == 1:  # RMSNorm: (x * rstd), rounded, times the norm's weight, rounded
+                x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
+                x = (x * rstd).to(dtype).to(tl.float32)
+                x = (x * tl.load(G + cols, mask=in_cols, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            elif PROLOGUE == 2:  # X holds [gate | up]: silu(gate), rounded, times up, rounded
+                gate = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
+                up = tl.load(X + K + cols, mask=in_cols, other=0.0).to(tl.float32)
+                x = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+            else:
+                x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
+            w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0,
+                        eviction_policy="evict_first")  # each weight is read once: keep L2 for x
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, 1)
+        if RESIDUAL:  # the product is rounded first, then added, as `residual + linear(...)` in eager
+            y = y.to(dtype).to(tl.float32) + tl.load(R + rows, mask=in_rows, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(dtype), mask=in_rows)
+
+    @triton_op("longgen::gemv", mutates_args=())
+    def _gemv(x: Tensor, weight: Tensor, norm_weight: Tensor, residual: Tensor, eps: float, prologue: int,
+              use_residual: bool) -> Tensor:
+        N, K = weight.shape
+        x, weight, norm_weight, residual = (t.contiguous() for t in (x, weight, norm_weight, residual))
+        y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+        wrap_triton(_gemv_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+            weight, x, norm_weight, residual, y, N, K, eps, PROLOGUE=prologue, RESIDUAL=use_residual)
+        return y
+
+
+enabled = True  # False: always the references (bench.py --decode-kernels plain measures the difference)
+
+
+def fused_ok(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
+    """Whether the Triton kernel takes this call: one row, on a GPU, 16-bit, every tensor of one dtype."""
+    return (enabled and triton is not None and x.is_cuda and x.numel() == x.shape[-1]
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and all(t is None or t.dtype == x.dtype for t in (weight, *others)))
+
+
+# ------------------------------------------------------------------------------------------------ the entry points
+def norm_linear(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    """weight @ rmsnorm(x): RMSNorm folded into the product's input."""
+    if not fused_ok(x, weight, norm_weight):
+        return norm_linear_reference(x, norm_weight, eps, weight)
+    return _gemv(x, weight, norm_weight, x, eps, RMSNORM, False)
+
+
+def gated_linear(gate_up: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
+    """(residual +) weight @ (silu(gate) * up), gate_up = [gate | up] along the last dimension."""
+    if not fused_ok(gate_up, weight, residual):
+        return gated_linear_reference(gate_up, weight, residual)
+    return _gemv(gate_up, weight, gate_up, gate_up if residual is None else residual, 0.0, SWIGLU,
+                 residual is not None)
+
+
+def linear(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
+    """(residual +) weight @ x."""
+    if not fused_ok(x, weight, residual):
+        return linear_reference(x, weight, residual)
+    return _gemv(x, weight, x, x if residual is None else residual, 0.0, NONE, residual is not None)
