@@ -21,6 +21,7 @@ the tests: numbers there mean nothing.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -97,10 +98,12 @@ def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
     """KV bytes, prefill seconds and decode ms/token of one layout at one context length and batch."""
     cfg, device, new = model.cfg, args.device, args.new_tokens
     need = sum(Cache(cfg, batch, length + new, "meta", torch.bfloat16).nbytes().values())
+    if device != "cpu":  # give back what earlier measurements held: their compiled graphs' memory pools, cached blocks
+        torch.compiler.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
     if need + 4 * 2**30 * (device != "cpu") > free_bytes(device):  # 4 GiB for the prefill's activations
         return dict(skipped=f"its {need / 2**30:.1f} GiB KV cache does not fit")
-    if device != "cpu":
-        torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated() if device != "cpu" else 0
     cache = Cache(cfg, batch, length + new, device, torch.bfloat16, flex_decode=args.flex_decode)
     kv_bytes = torch.cuda.memory_allocated() - before if device != "cpu" else need
@@ -130,7 +133,8 @@ def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
 
 
 def profile_decode(model, length: int, args) -> None:
-    """The top kernels of 20 compiled decode steps."""
+    """The top kernels of 20 compiled decode steps (products as the first of --decode-kernels says)."""
+    kernels.enabled = args.decode_kernels[0] == "fused"
     cache = Cache(model.cfg, args.batch[0], length + args.new_tokens, "cuda", torch.bfloat16)
     cache.mark_static()
     with torch.inference_mode():

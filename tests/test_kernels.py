@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,35 +60,45 @@ def test_the_references_run_where_the_kernel_cannot():
 
 @needs_gpu_triton
 def test_compiled_decoding_with_fused_products_matches_plain_products():
-    """A bf16 tiny model, batch 1, compiled CUDA-graph decoding: the fused kernels give the plain path's greedy tokens
-    and its logits up to bf16 rounding."""
+    """A tiny model, batch 1, compiled CUDA-graph decoding of the same 40 tokens (the plain run's greedy choices, fed to
+    every run): the bf16 logits with fused kernels are as close to the same model's fp32 logits as the plain bf16
+    path's are, and pick the same token wherever the plain path's choice is clear of rounding."""
     torch.manual_seed(0)
     model = build(preset("tiny"))
-    init_weights(model, std=0.08)  # peaked logits: no near-ties
-    model = model.to("cuda", torch.bfloat16).eval()
-    prompt = torch.randint(0, 512, (200,)).tolist()
-    runs = {}
-    for fused in (True, False):
-        kernels.enabled = fused
+    init_weights(model, std=0.08)
+    models = {"fp32": model.to("cuda").eval(), "fused": build(model.cfg).to("cuda", torch.bfloat16).eval()}
+    models["fused"].load_state_dict(model.state_dict())
+    models["plain"] = models["fused"]
+    prompt, tokens, runs = torch.randint(0, 512, (200,)).tolist(), None, {}
+    for name in ("plain", "fused", "fp32"):  # plain first: its greedy tokens are everyone's inputs
+        kernels.enabled = name == "fused"
         try:
-            cache = Cache(model.cfg, 1, 260, "cuda", torch.bfloat16)
+            m = models[name]
+            cache = Cache(m.cfg, 1, 260, "cuda", m.output.weight.dtype)
             cache.mark_static()
             decode, steps = compiled_decode("cuda"), []
-            logits = prefill(model, cache, [prompt], 128)
-            for _ in range(40):
-                steps.append(logits.clone())
-                logits = decode(model, cache, logits.argmax(-1))
-            runs[fused] = torch.stack(steps)
+            with torch.inference_mode():
+                logits = prefill(m, cache, [prompt], 128)
+                for i in range(40):
+                    steps.append(logits.float().clone())
+                    logits = decode(m, cache, logits.argmax(-1) if tokens is None else tokens[i])
+            runs[name] = torch.stack(steps)
+            tokens = runs["plain"].argmax(-1)
         finally:
             kernels.enabled = True
-    assert torch.equal(runs[True].argmax(-1), runs[False].argmax(-1))
-    assert_within_rounding("decoding logits", runs[True], runs[False])
+    fused, plain, exact = runs["fused"], runs["plain"], runs["fp32"]
+    assert (fused - exact).abs().mean() <= 1.5 * (plain - exact).abs().mean()
+    assert_within_rounding("decoding logits", fused, plain)
+    top2 = plain.topk(2, -1).values
+    clear = top2[..., 0] - top2[..., 1] > 2 * (fused - plain).abs().amax(-1)
+    assert clear.sum() >= 10 and torch.equal(fused.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 
 # ------------------------------------------------------------------------------------------------ Triton's interpreter
 def interpreted_checks() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1: the kernel on CPU tensors, small tiles, shapes that the tiles do
-    not divide, every prologue, with and without a residual."""
+    not divide, every prologue, with and without a residual. The interpreter truncates fp32 to bf16 where a GPU
+    rounds to nearest, so it is off by up to 2 units in the last place here, within assert_within_rounding."""
     import triton
 
     for N, K in ((37, 200), (64, 256), (3, 1000)):
@@ -99,15 +110,26 @@ def interpreted_checks() -> None:
                                    (kernels.SWIGLU, gate_up, kernels.gated_linear_reference(gate_up[None], w)[0])):
             for residual in (False, True):
                 y = torch.empty(N, dtype=torch.bfloat16)
-                kernels._gemv_kernel.fn[(triton.cdiv(N, 4),)](w, inp, norm, res, y, N, K, 1e-5, PROLOGUE=prologue,
-                                                               RESIDUAL=residual, BLOCK_N=4, BLOCK_K=64)
+                kernels._gemv_kernel[(triton.cdiv(N, 4),)](w, inp, norm, res, y, N, K, 1e-5, PROLOGUE=prologue,
+                                                            RESIDUAL=residual, BLOCK_N=4, BLOCK_K=64)
                 assert_within_rounding(f"prologue {prologue}, residual {residual}, {N} x {K}", y,
                                        (res + ref) if residual else ref)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def interpreter_unusable() -> str:
+    """Why the interpreter test cannot run here ('' when it can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if torch.cuda.is_available():
+        return "a GPU is here: the tests above run the kernel itself"
+    if tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 3):
+        return "Triton 3.6's interpreter fails with numpy >= 2.3 (pip install 'numpy<2.3' to run it)"
+    return ""
+
+
+@pytest.mark.skipif(bool(interpreter_unusable()), reason=interpreter_unusable() or "-")
 def test_kernel_arithmetic_in_the_triton_interpreter():
     here = Path(__file__).resolve().parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", "import test_kernels; test_kernels.interpreted_checks()"], env=env,
                    check=True, cwd=here)
