@@ -94,11 +94,13 @@ if triton is not None:
             y = y.to(dtype).to(tl.float32) + tl.load(R + rows, mask=in_rows, other=0.0).to(tl.float32)
         tl.store(Y + rows, y.to(dtype), mask=in_rows)
 
-    def _tiles(N: int, K: int) -> tuple[int, int]:
-        """Rows per program and the K step. Few rows per program give the memory system many independent streams;
-        Triton's autotuner picked 2 rows x 1024 (4 for the long K of w2) for every Llama-2-7B product on an H200,
-        reading weights from memory; fixed tiles skip its minute of tuning per shape."""
-        return (4 if K > 8192 else 2), min(1024, triton.next_power_of_2(K))
+    def _tiles(N: int, K: int) -> tuple[int, int, int]:
+        """Rows per program, the K step and warps per program. Two rows per program give the memory system many
+        independent streams. A short N (the 4096 rows of wo and w2) makes few programs: each then takes longer K steps
+        with 8 warps, and w2's long K more rows. Winners of a sweep on an H100, weights read from memory."""
+        if N <= 4096:
+            return (8 if K > 8192 else 2), min(2048, triton.next_power_of_2(K)), 8
+        return 2, min(1024, triton.next_power_of_2(K)), 4
 
     @triton_op("longgen::gemv", mutates_args=())
     def _gemv(x: Tensor, weight: Tensor, norm_weight: Tensor, residual: Tensor, eps: float, prologue: int,
@@ -106,10 +108,10 @@ if triton is not None:
         N, K = weight.shape
         x, weight, norm_weight, residual = (t.contiguous() for t in (x, weight, norm_weight, residual))
         y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
-        block_n, block_k = _tiles(N, K)
+        block_n, block_k, warps = _tiles(N, K)
         wrap_triton(_gemv_kernel)[(triton.cdiv(N, block_n),)](
             weight, x, norm_weight, residual, y, N, K, eps, PROLOGUE=prologue, RESIDUAL=use_residual,
-            BLOCK_N=block_n, BLOCK_K=block_k)
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return y
 
 
