@@ -45,7 +45,61 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
 RANKS_FILE, META_FILE = "tokenizer.tiktoken", "tokenizer.longgen.json"  # what Tokenizer.save writes
 
 
-class Tokenizer:
+class BaseTokenizer:
+    """What both tokenizers here share: BOS, EOS and stop ids, encode's BOS default, decoding to text and the chat
+    template. A subclass gives `encode_ordinary`, `decode_bytes`, `fingerprint` and `save`."""
+
+    def __init__(self, *, n_vocab: int, bos_id: int | None, eos_id: int | None, stop_ids: Iterable[int],
+                 add_bos: bool, chat_template: str | None):
+        self.n_vocab: int = n_vocab
+        self.bos_id: int | None = bos_id
+        self.eos_id: int | None = eos_id
+        self.stop_ids: frozenset[int] = frozenset([*stop_ids, *([] if eos_id is None else [eos_id])])
+        self.add_bos: bool = add_bos  # encode()'s default
+        self.chat_template: str | None = chat_template
+
+    def _bos(self, add_bos: bool | None) -> list[int]:
+        """[BOS] if `add_bos` (default: the checkpoint's own setting) and the checkpoint has one, else []."""
+        add_bos = self.add_bos if add_bos is None else add_bos
+        return [self.bos_id] if add_bos and self.bos_id is not None else []
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`, after BOS if `add_bos` (default: the checkpoint's own setting)."""
+        return self._bos(add_bos) + self.encode_ordinary(text)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text the tokens stand for; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        if self.chat_template is None:
+            raise UserError("This checkpoint has no chat template; give a plain prompt instead of chat messages.")
+
+        def raise_exception(message: str):
+            raise UserError(f"The chat template refused these messages: {message}")
+
+        # transformers' environment: sandboxed, trim_blocks/lstrip_blocks, loop controls, its helpers and tojson
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda f: datetime.now().strftime(f)}
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, [{"role": ..., "content": ...}, ...], rendered as transformers does;
+        with `add_generation_prompt`, it ends where the assistant's reply begins."""
+        bos, eos = (None if i is None else self.decode([i]) for i in (self.bos_id, self.eos_id))
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=bos, eos_token=eos)
+
+
+class Tokenizer(BaseTokenizer):
     """Text <-> token ids for one checkpoint. `ranks`: tiktoken's mergeable ranks (token bytes -> id, in merge
     order); `special`: tokens matched whole in the text (text -> id); `pattern`: the regex that splits text into
     pieces before BPE. Build one with `load`, `from_gguf` or `from_hf`."""
@@ -59,19 +113,14 @@ class Tokenizer:
         longest_first = sorted(map(regex.escape, special), key=len, reverse=True)
         self._special_split = regex.compile(f"({'|'.join(longest_first) or '(?!)'})")
         self._missing = bytes(b for b in range(256) if bytes([b]) not in ranks)  # bytes with no token
-        self.bos_id: int | None = bos_id
-        self.eos_id: int | None = eos_id
         ends = [special[name] for name in END_MARKERS if name in special]
-        self.stop_ids: frozenset[int] = frozenset([*stop_ids, *ends, *([] if eos_id is None else [eos_id])])
-        self.add_bos: bool = add_bos  # encode()'s default
-        self.chat_template: str | None = chat_template
-        self.n_vocab: int = self._enc.n_vocab
+        super().__init__(n_vocab=self._enc.n_vocab, bos_id=bos_id, eos_id=eos_id, stop_ids=[*stop_ids, *ends],
+                         add_bos=add_bos, chat_template=chat_template)
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text` (special-token strings in it become their ids), after BOS if `add_bos` (default:
         the checkpoint's own setting) and the checkpoint has one."""
-        add_bos = self.add_bos if add_bos is None else add_bos
-        ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+        ids = self._bos(add_bos)
         data = text.encode("utf-8", "surrogatepass")
         if len(data.translate(None, self._missing)) == len(data):  # every byte has a token: all tiktoken
             return ids + self._enc.encode(text, allowed_special="all")
@@ -98,36 +147,11 @@ class Tokenizer:
         """The bytes the tokens stand for, joined; a special token stands for its text."""
         return self._enc.decode_bytes([int(i) for i in ids])
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """The text the tokens stand for; bytes that are not valid UTF-8 become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
     def fingerprint(self) -> str:
         """A hash of what decides the token ids (the split pattern, the special tokens, the BPE ranks): tokenised
         corpora are cached under it."""
         ranks = sorted(self._ranks.items(), key=lambda item: item[1])
         return hashlib.sha256(repr((self._pattern, sorted(self._special.items()), ranks)).encode()).hexdigest()
-
-    @cached_property
-    def _template(self) -> jinja2.Template:
-        if self.chat_template is None:
-            raise UserError("This checkpoint has no chat template; give a plain prompt instead of chat messages.")
-
-        def raise_exception(message: str):
-            raise UserError(f"The chat template refused these messages: {message}")
-
-        # transformers' environment: sandboxed, trim_blocks/lstrip_blocks, loop controls, its helpers and tojson
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda f: datetime.now().strftime(f)}
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        return env.from_string(self.chat_template)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, [{"role": ..., "content": ...}, ...], rendered as transformers does;
-        with `add_generation_prompt`, it ends where the assistant's reply begins."""
-        bos, eos = (None if i is None else self.decode([i]) for i in (self.bos_id, self.eos_id))
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos, eos_token=eos)
 
     def save(self, directory: str | Path) -> None:
         """Write RANKS_FILE (tiktoken's format: a base64 token and its rank a line) and META_FILE (JSON: the split
@@ -144,7 +168,7 @@ class Tokenizer:
 class StreamDecoder:
     """Text from ids generated one at a time, holding back a character until all of its UTF-8 bytes have come."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: BaseTokenizer):
         self._tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -157,7 +181,7 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(BaseTokenizer):
     """Llama-2's tokenizer (SentencePiece BPE with byte fallback), as HF `tokenizers` runs it: spaces become "▁" and
     one "▁" goes before the text; then, over the whole text, the adjacent pair of symbols that comes first in
     `merges` is merged, again and again; a symbol left that is no token becomes the <0xXX> tokens of its UTF-8 bytes.
@@ -175,14 +199,8 @@ class SentencePieceTokenizer(Tokenizer):
         # Pieces never span "x▁" (x not ▁) in Llama-2: then each "▁..." word merges on its own, and is cached.
         self._by_word = not any(regex.search("[^▁]▁", p) for p in self._pieces)
         self._cache: dict[str, list[int]] = {}
-        self.bos_id, self.eos_id, self.add_bos, self.chat_template = bos_id, eos_id, add_bos, chat_template
-        self.stop_ids = frozenset([*stop_ids, *([] if eos_id is None else [eos_id])])
-        self.n_vocab = len(self._pieces)
-
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`, after BOS if `add_bos` (default: the checkpoint's own setting)."""
-        add_bos = self.add_bos if add_bos is None else add_bos
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self.encode_ordinary(text)
+        super().__init__(n_vocab=len(self._pieces), bos_id=bos_id, eos_id=eos_id, stop_ids=stop_ids, add_bos=add_bos,
+                         chat_template=chat_template)
 
     def encode_ordinary(self, text: str) -> list[int]:
         if not text:
@@ -280,7 +298,7 @@ def _merge_ranks(vocab: dict[str, int], merges: Iterable[tuple[str, str]], sourc
     return ranks
 
 
-def from_gguf(path_or_reader: str | Path | gguf.GGUFReader) -> Tokenizer:
+def from_gguf(path_or_reader: str | Path | gguf.GGUFReader) -> BaseTokenizer:
     """The tokenizer in a GGUF file's `tokenizer.*` metadata (byte-level BPE: `tokenizer.ggml.model` "gpt2")."""
     if isinstance(path_or_reader, gguf.GGUFReader):
         reader, source = path_or_reader, Path(path_or_reader.data.filename)
@@ -347,7 +365,7 @@ def _is_llama2(spec: dict) -> bool:
         and (pre.get("prepend_scheme") in ("first", "always") or pre.get("add_prefix_space"))
 
 
-def from_hf(directory: str | Path) -> Tokenizer:
+def from_hf(directory: str | Path) -> BaseTokenizer:
     """The tokenizer in an HF directory: tokenizer.json (byte-level BPE), with tokenizer_config.json (BOS, EOS,
     chat template), chat_template.jinja and generation_config.json (more stop ids) where present."""
     directory = _existing(directory)
@@ -390,7 +408,7 @@ def from_hf(directory: str | Path) -> Tokenizer:
                      stop_ids=stop if isinstance(stop, list) else [stop])
 
 
-def load(path: str | Path) -> Tokenizer:
+def load(path: str | Path) -> BaseTokenizer:
     """The tokenizer at `path`: a .gguf file, or a directory with Tokenizer.save's files, an HF tokenizer.json, or
     a Llama-3 tiktoken `tokenizer.model` (which holds no special tokens: Llama 3.1's follow its ranks)."""
     path = _existing(path)
