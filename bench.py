@@ -30,6 +30,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import kernels
 import longgen
@@ -39,7 +40,7 @@ from config import parse_length
 from errors import UserError, run_cli
 from generate import compiled_decode, decode_one, prefill
 from masks import block_mask
-from model import build, preset
+from model import RMSNorm, build, preset
 
 PARTS = ("inference", "products", "masks", "train", "hf")
 
@@ -182,21 +183,26 @@ def products(cfg, args, copy_GBps: float) -> list[dict]:
         weights = [torch.randn(N, K, device=device, dtype=dtype) / K**0.5
                    for _ in range(max(1, math.ceil(4 * l2 / (N * K * 2))))]
         x = torch.randn(1, 1, 2 * K if kind == "gated" else K, device=device, dtype=dtype)
-        res, norm = torch.randn(1, 1, N, device=device, dtype=dtype), torch.ones(K, device=device, dtype=dtype)
+        res, norm = torch.randn(1, 1, N, device=device, dtype=dtype), RMSNorm(K, 1e-5).to(device, dtype)
+        layers = [nn.Linear(K, N, bias=False, device="meta") for _ in weights]
+        for layer, w in zip(layers, weights):
+            layer.weight = nn.Parameter(w, requires_grad=False)
         plain, fused = {
-            "norm": (lambda w: kernels.norm_linear_reference(x, norm, 1e-5, w),
-                     lambda w: kernels.norm_linear(x, norm, 1e-5, w)),
-            "residual": (lambda w: kernels.linear_reference(x, w, res), lambda w: kernels.linear(x, w, res)),
-            "gated": (lambda w: kernels.gated_linear_reference(x, w, res), lambda w: kernels.gated_linear(x, w, res)),
+            "norm": (lambda w, _: kernels.norm_linear_reference(x, norm.weight, norm.eps, w),
+                     lambda _, layer: kernels.norm_linear(x, norm, layer)),
+            "residual": (lambda w, _: kernels.linear_reference(x, w, res),
+                         lambda _, layer: kernels.linear(x, layer, res)),
+            "gated": (lambda w, _: kernels.gated_linear_reference(x, w, res),
+                      lambda _, layer: kernels.gated_linear(x, layer, res)),
         }[kind]
-        alone = (lambda w: F.linear(x[..., :K], w))
-        ms = {key: graph_ms(lambda: [fn(w) for w in weights], device) / len(weights)
+        alone = (lambda w, _: F.linear(x[..., :K], w))
+        ms = {key: graph_ms(lambda: [fn(w, layer) for w, layer in zip(weights, layers)], device) / len(weights)
               for key, fn in (("cublas", alone), ("plain", plain), ("fused", fused))}
         rate = {f"{key}_GBps": N * K * 2 / t / 1e6 for key, t in ms.items()}
         rows.append(dict(product=name, N=N, K=K, fused_ran=kernels.fused_ok(x, weights[0]),
                          **{f"{key}_us": t * 1e3 for key, t in ms.items()}, **rate,
                          fused_of_copy=rate["fused_GBps"] / copy_GBps))
-        del weights
+        del weights, layers
     return rows
 
 
@@ -217,11 +223,24 @@ def train_layout(base, sparse: str | None, n_layers: int) -> tuple[str, ...]:
     return (sparse,) * below + ("full",) * n_full + (sparse,) * (n_layers - n_full - below)
 
 
-def train_step(cfg, length: int, args) -> dict:
+def peak_bytes(device) -> int:
+    """The most memory allocated since the last call (0 on a CPU)."""
+    if torch.device(device).type != "cuda":
+        return 0
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def train_step(cfg, length: int, precision: str, args) -> dict:
     """ms of one forward + backward of the training loss on one sequence, as train.py runs it (bf16 weights here; no
-    optimizer step, whose time does not depend on attention)."""
+    optimizer step, whose time does not depend on attention). precision float8: the blocks' linear layers in float8,
+    as train.py's float8=true."""
     device = args.device
     model = build(cfg, device=device, dtype=torch.bfloat16)
+    if precision == "float8":
+        train.convert_float8(model)
+    peak_bytes(device)  # from here: the compiling step's peak, then the timed steps' (compiling allocates its own)
     for i, block in enumerate(model.layers):
         model.layers[i] = train.wrap_block(block, activation_checkpointing=True, compile=args.compile)
     tokens = torch.randint(0, cfg.vocab_size, (1, length + 1), device=device)
@@ -231,17 +250,15 @@ def train_step(cfg, length: int, args) -> dict:
         train.lm_loss(model, tokens, doc_ids, doc_masking=False, loss_chunk=args.loss_chunk).backward()
         model.zero_grad(set_to_none=True)
 
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
+    peak = {}
     try:
-        compile_s = timed_s(step, device)
-        ms = median_ms(step, device)
+        compile_s, peak["compile"] = timed_s(step, device), peak_bytes(device)
+        ms, peak["step"] = median_ms(step, device), peak_bytes(device)
     except torch.OutOfMemoryError:
         return dict(skipped="out of memory")
-    peak = torch.cuda.max_memory_allocated() if device != "cpu" else 0
     pairs = {k: cfg.pattern(k).pairs(length) for k in set(cfg.attn)}
-    return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak, attn_pairs=sum(pairs[k] for k in cfg.attn),
-                loss_chunk=args.loss_chunk)
+    return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak["step"], compile_peak_bytes=peak["compile"],
+                attn_pairs=sum(pairs[k] for k in cfg.attn), loss_chunk=args.loss_chunk)
 
 
 def hf_decode(cfg, length: int, args) -> dict:
@@ -281,6 +298,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, help="model depth for inference (default: the preset's)")
     p.add_argument("--train-layers", type=int, default=8, help="depth of the training-step model (full width)")
     p.add_argument("--train-lengths", help="training-step lengths (default: --lengths)")
+    p.add_argument("--train-precision", default="bf16", help="the training step's linear layers: bf16, float8 "
+                                                               "(torchao, as train.py float8=true) or bf16,float8")
     p.add_argument("--loss-chunk", type=int, default=4096, help="tokens whose logits exist at once in the training "
                                                                 "loss, as train.py's loss_chunk (0: all)")
     p.add_argument("--hf-lengths", help="lengths for the transformers peer (default: --lengths)")
@@ -308,6 +327,9 @@ def parse_args(argv=None):
     args.decode_kernels = args.decode_kernels.split(",")
     if not args.decode_kernels or set(args.decode_kernels) - {"fused", "plain"}:
         raise UserError("--decode-kernels takes fused, plain or fused,plain.")
+    args.train_precision = args.train_precision.split(",")
+    if not args.train_precision or set(args.train_precision) - {"bf16", "float8"}:
+        raise UserError("--train-precision takes bf16, float8 or bf16,float8.")
     args.parts = args.parts.split(",")
     if set(args.parts) - set(PARTS):
         raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
@@ -362,14 +384,15 @@ def run(args) -> dict:
     if "train" in args.parts:
         small = replace(base, n_layers=args.train_layers, attn=("full",) * args.train_layers)
         for length in args.train_lengths:
-            for sparse in [None, *args.variant]:
-                cfg = replace(small, attn=train_layout(base, sparse, args.train_layers))
-                sync(args.device)
-                record("train", dict(layout=f"longgen {sparse}" if sparse else "full", length=length,
-                                     layers=cfg.n_layers, full_layers=cfg.attn.count("full"),
-                                     **train_step(cfg, length, args)))
-                if args.device != "cpu":
-                    torch.cuda.empty_cache()
+            for precision in args.train_precision:
+                for sparse in [None, *args.variant]:
+                    cfg = replace(small, attn=train_layout(base, sparse, args.train_layers))
+                    sync(args.device)
+                    record("train", dict(layout=f"longgen {sparse}" if sparse else "full", length=length,
+                                         precision=precision, layers=cfg.n_layers, full_layers=cfg.attn.count("full"),
+                                         **train_step(cfg, length, precision, args)))
+                    if args.device != "cpu":
+                        torch.cuda.empty_cache()
     if "hf" in args.parts:
         for length in args.hf_lengths:
             record("hf", dict(length=length, **hf_decode(base, length, args)))
@@ -415,16 +438,20 @@ def tables(report: dict) -> str:
         out.append("\n| context | variant | BlockMask build ms |\n|---|---|---|")
         out += [f"| {r['length']} | {r['variant']} | {r['build_ms']:.1f} |" for r in report["masks"]]
     if report["train"]:
-        out.append("\n| context | layout | layers (full) | step ms | speed-up | peak GiB | loss chunk |"
-                   "\n|---|---|---|---|---|---|---|")
+        out.append("\n| context | layout | layers (full) | linears | step ms | speed-up | float8 vs bf16 | peak GiB | "
+                   "peak GiB, compiling step | loss chunk |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in report["train"]:
-            f = ref("train", r, length=r["length"])
+            f = ref("train", r, length=r["length"], precision=r["precision"])
             if "skipped" in r:
-                out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | skipped: "
-                           f"{r['skipped']} ||||")
+                out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | {r['precision']} | "
+                           f"skipped: {r['skipped']} ||||||")
                 continue
-            out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | {r['step_ms']:.1f} | "
-                       f"{ratio(f, r, 'step_ms')} | {r['peak_bytes'] / 2**30:.1f} | {r['loss_chunk'] or 'all'} |")
+            bf16 = next((x for x in report["train"] if x["precision"] == "bf16" and x["length"] == r["length"]
+                         and x["layout"] == r["layout"]), None) if r["precision"] == "float8" else None
+            out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | {r['precision']} | "
+                       f"{r['step_ms']:.1f} | {ratio(f, r, 'step_ms')} | {ratio(bf16, r, 'step_ms')} | "
+                       f"{r['peak_bytes'] / 2**30:.1f} | {r['compile_peak_bytes'] / 2**30:.1f} | "
+                       f"{r['loss_chunk'] or 'all'} |")
     if report["hf"]:
         out.append("\n| context | transformers (static cache, compiled) decode ms | ours, full, batch 1 | compiled |"
                    "\n|---|---|---|---|")

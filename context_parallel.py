@@ -163,9 +163,12 @@ def cp_masks(model: Transformer, seq_len: int, group, doc_ids_BS: Tensor | None 
             for kind in set(model.cfg.attn)}
 
 
-def cp_forward(model: Transformer, tokens_BT: Tensor, group, doc_ids_BS: Tensor | None = None) -> Tensor:
+def cp_forward(model: Transformer, tokens_BT: Tensor, group, doc_ids_BS: Tensor | None = None,
+               targets_BT: Tensor | None = None, loss_chunk: int = 4096) -> Tensor:
     """(B, T, V): this rank's rows of model(tokens_BS, doc_ids=doc_ids_BS), given tokens_BT = shard(tokens_BS, group).
-    doc_ids_BS is the whole sequence's (every rank has it). The model may be FSDP-sharded and checkpoint-wrapped."""
+    doc_ids_BS is the whole sequence's (every rank has it). The model may be FSDP-sharded and checkpoint-wrapped.
+    targets_BT (this rank's shard of the targets): instead of logits, their summed cross-entropy, made loss_chunk
+    tokens at a time as model.forward does (cp_mean turns it into this rank's share of the mean)."""
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     T, device = tokens_BT.shape[1], tokens_BT.device
     if T * cp > model.cfg.max_seq_len:
@@ -174,14 +177,14 @@ def cp_forward(model: Transformer, tokens_BT: Tensor, group, doc_ids_BS: Tensor 
     positions = zigzag_positions(T * cp, cp, rank, device)  # (T,)
     if doc_ids_BS is not None:
         positions = positions - document_starts(doc_ids_BS)[:, positions]  # (B, T), restart with every document
-    return model(tokens_BT, positions=positions, masks=cp_masks(model, T * cp, group, doc_ids_BS, device))
+    return model(tokens_BT, positions=positions, masks=cp_masks(model, T * cp, group, doc_ids_BS, device),
+                 targets=targets_BT, loss_chunk=loss_chunk)
 
 
-def cp_cross_entropy(logits_BTV: Tensor, targets_BT: Tensor, group) -> Tensor:
-    """This rank's share of the next-token loss (targets_BT = shard of the targets, -100 ignored), scaled so that its
-    mean over the CP group, and so FSDP's gradient averaging, gives the single-process mean over all S tokens."""
-    loss_sum = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
-                               reduction="sum")
+def cp_mean(loss_sum: Tensor, targets_BT: Tensor, group) -> Tensor:
+    """This rank's share of the mean next-token loss, from the summed loss over its shard of the targets (-100
+    ignored), scaled so that its mean over the CP group, and so FSDP's gradient averaging, gives the single-process
+    mean over all S tokens."""
     count = (targets_BT != -100).sum()
     dist.all_reduce(count, group=group)
     return loss_sum * dist.get_world_size(group) / count.clamp(min=1)

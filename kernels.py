@@ -8,9 +8,9 @@ those steps cost launches and round trips through memory; here each folds into t
     gated_linear(gate_up, W, res)    res + W @ (silu(gate) * up)  the MLP's down projection
     linear(x, W, res)                res + W @ x                  the attention output
 
-Each has a plain PyTorch reference (`*_reference`, the same arithmetic as model.py, rounding included) that runs
-whenever the Triton kernel cannot: on a CPU, without Triton, for more than one row, or for other dtypes. The tests
-compare the two on a GPU.
+Where the Triton kernel cannot run (on a CPU, without Triton, for more than one row, for other dtypes, or for a module
+swapped in for nn.Linear) the modules run as themselves. `*_reference` is the same arithmetic on plain tensors, rounding
+included: the tests compare the kernel with it on a GPU.
 
 One program computes BLOCK_N output rows: it walks along K in BLOCK_K steps, multiplies a (BLOCK_N, BLOCK_K) tile of W
 by the input's slice in fp32, and sums once at the end. RMSNorm's scale needs all of x first: each program reads x once
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     import triton
@@ -115,7 +115,7 @@ if triton is not None:
         return y
 
 
-enabled = True  # False: always the references (bench.py --decode-kernels plain measures the difference)
+enabled = True  # False: the modules always run as themselves (bench.py --decode-kernels plain measures the difference)
 
 
 def fused_ok(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
@@ -126,23 +126,33 @@ def fused_ok(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the entry points
-def norm_linear(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
-    """weight @ rmsnorm(x): RMSNorm folded into the product's input."""
-    if not fused_ok(x, weight, norm_weight):
-        return norm_linear_reference(x, norm_weight, eps, weight)
-    return _gemv(x, weight, norm_weight, x, eps, RMSNORM, False)
+# They take the modules (model.py's RMSNorm, nn.Linear). Where the kernel does not run, each module runs as itself, so a
+# module swapped in for an nn.Linear (torchao's Float8Linear in float8 training) takes effect; the kernel only ever
+# replaces a plain nn.Linear.
+def _plain(layer: nn.Module) -> bool:
+    return type(layer) is nn.Linear and layer.bias is None
 
 
-def gated_linear(gate_up: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
-    """(residual +) weight @ (silu(gate) * up), gate_up = [gate | up] along the last dimension."""
-    if not fused_ok(gate_up, weight, residual):
-        return gated_linear_reference(gate_up, weight, residual)
-    return _gemv(gate_up, weight, gate_up, gate_up if residual is None else residual, 0.0, SWIGLU,
+def norm_linear(x: Tensor, norm: nn.Module, layer: nn.Module) -> Tensor:
+    """layer(norm(x)) for an RMSNorm `norm` (weight, eps): RMSNorm folded into the product's input."""
+    if not (_plain(layer) and fused_ok(x, layer.weight, norm.weight)):
+        return layer(norm(x))
+    return _gemv(x, layer.weight, norm.weight, x, norm.eps, RMSNORM, False)
+
+
+def gated_linear(gate_up: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tensor:
+    """(residual +) layer(silu(gate) * up), gate_up = [gate | up] along the last dimension."""
+    if not (_plain(layer) and fused_ok(gate_up, layer.weight, residual)):
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = layer(F.silu(gate) * up)
+        return y if residual is None else residual + y
+    return _gemv(gate_up, layer.weight, gate_up, gate_up if residual is None else residual, 0.0, SWIGLU,
                  residual is not None)
 
 
-def linear(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
-    """(residual +) weight @ x."""
-    if not fused_ok(x, weight, residual):
-        return linear_reference(x, weight, residual)
-    return _gemv(x, weight, x, x if residual is None else residual, 0.0, NONE, residual is not None)
+def linear(x: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tensor:
+    """(residual +) layer(x)."""
+    if not (_plain(layer) and fused_ok(x, layer.weight, residual)):
+        y = layer(x)
+        return y if residual is None else residual + y
+    return _gemv(x, layer.weight, x, x if residual is None else residual, 0.0, NONE, residual is not None)

@@ -217,7 +217,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
 
     def forward(self, x):
-        return kernels.gated_linear(self.w13(x), self.w2.weight)  # w2 @ (silu(gate) * up): SwiGLU
+        return kernels.gated_linear(self.w13(x), self.w2)  # w2 @ (silu(gate) * up): SwiGLU
 
 
 class Block(nn.Module):
@@ -232,10 +232,10 @@ class Block(nn.Module):
         """h = x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)), written with kernels.py's products:
         decoding one sequence on a GPU, each norm, activation and residual add runs inside the product next to it."""
         attn, ffn = self.attention, self.feed_forward
-        qkv = kernels.norm_linear(x_BTD, self.attention_norm.weight, self.attention_norm.eps, attn.wqkv.weight)
-        h = kernels.linear(attn.attend(qkv, rope, mask, cache), attn.wo.weight, residual=x_BTD)
-        gate_up = kernels.norm_linear(h, self.ffn_norm.weight, self.ffn_norm.eps, ffn.w13.weight)
-        return kernels.gated_linear(gate_up, ffn.w2.weight, residual=h)
+        qkv = kernels.norm_linear(x_BTD, self.attention_norm, attn.wqkv)
+        h = kernels.linear(attn.attend(qkv, rope, mask, cache), attn.wo, residual=x_BTD)
+        gate_up = kernels.norm_linear(h, self.ffn_norm, ffn.w13)
+        return kernels.gated_linear(gate_up, ffn.w2, residual=h)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -305,7 +305,7 @@ class Transformer(nn.Module):
             h = h[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, D)
         if targets is not None:
             return chunked_cross_entropy(self.norm(h), self.output, targets, loss_chunk)
-        return kernels.norm_linear(h, self.norm.weight, self.norm.eps, self.output.weight)  # (B, T, V)
+        return kernels.norm_linear(h, self.norm, self.output)  # (B, T, V)
 
 
 def chunked_cross_entropy(h_BTD: Tensor, output: nn.Module, targets_BT: Tensor, chunk: int) -> Tensor:

@@ -39,7 +39,7 @@ import longgen
 import tokenizer as tokenizers
 import weights
 from config import load_config
-from context_parallel import cp_cross_entropy, cp_forward, shard
+from context_parallel import cp_forward, cp_mean, shard
 from data import DataConfig, PackedStream, load_documents
 from errors import UserError, run_cli
 from model import build, preset
@@ -97,6 +97,7 @@ class TrainConfig:
     dtype: str = "bfloat16"  # compute dtype (FSDP2 mixed precision; master weights and reductions stay fp32)
     activation_checkpointing: bool = True
     loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (0: the whole sequence)
+    float8: bool = False  # torchao float8 training of the blocks' linear layers (GPUs of compute capability 8.9+)
     cp_degree: int = 1  # context parallel: ranks that split each sequence between them (divides the world size)
     compile: bool = True
     peak_tflops: float | None = None  # for MFU; default: from the GPU's name
@@ -155,6 +156,21 @@ def model_config(cfg: TrainConfig, tok):
     return (longgen.full_attention(new) if cfg.baseline == "full" else new), state_dict
 
 
+def convert_float8(model) -> int:
+    """torchao's float8 training: every linear layer inside the blocks (sides multiples of 16) becomes a Float8Linear,
+    whose products run in float8 with dynamic per-tensor scales (inputs and weights e4m3, gradients e5m2); master
+    weights, optimizer and everything else are unchanged. The output layer stays in 16 bits, as in torchtitan. On a
+    CPU it runs too (emulated, slowly): the tests use that."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+    except ImportError:
+        raise UserError("float8=true needs torchao: pip install torchao (or set float8=false).") from None
+    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: fqn.startswith("layers.")
+                               and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    return sum(isinstance(m, Float8Linear) for m in model.modules())
+
+
 def shard_model(model, cfg: TrainConfig, mesh):
     """torchtitan's order: activation checkpointing -> compile -> fully_shard per block, then the root."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -192,13 +208,16 @@ def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None, loss_chunk
     """Next-token cross-entropy of a packed batch (B, S + 1). With document masking each document is attended to on
     its own, and the token after a document's last one (another document's first) is not predicted. The logits are
     made loss_chunk tokens at a time (model.chunked_cross_entropy; 0: all at once). With a context-parallel group,
-    this rank's share, from its whole shard's logits: the group's mean of it is the loss of the whole sequence."""
+    this rank's share, from its shard's logits (chunked the same way): the group's mean of it is the loss of the whole
+    sequence."""
     inputs, targets, docs = tokens[:, :-1], tokens[:, 1:].clone(), doc_ids[:, :-1]
     if doc_masking:
         targets[doc_ids[:, 1:] != docs] = -100
     if cp_group is not None:
-        logits = cp_forward(model, shard(inputs, cp_group), cp_group, docs if doc_masking else None)  # (B, S/cp, V)
-        return cp_cross_entropy(logits, shard(targets, cp_group), cp_group)
+        targets = shard(targets, cp_group)  # (B, S/cp), this rank's
+        loss_sum = cp_forward(model, shard(inputs, cp_group), cp_group, docs if doc_masking else None, targets,
+                              loss_chunk)
+        return cp_mean(loss_sum, targets, cp_group)
     loss_sum = model(inputs, doc_ids=docs if doc_masking else None, targets=targets, loss_chunk=loss_chunk)
     return loss_sum / (targets != -100).sum().clamp(min=1)
 
@@ -295,6 +314,12 @@ def run(cfg, rank, world, device, resume, export_only):
     model_cfg, state_dict = model_config(cfg, tok)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(model_cfg, state_dict)  # fp32 master weights
+    float8_layers = 0
+    if cfg.float8:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise UserError(f"float8=true needs a GPU with float8 matrix units (compute capability 8.9+, e.g. H100); "
+                            f"{torch.cuda.get_device_name(device)} has none: set float8=false.")
+        float8_layers = convert_float8(model)
     n_params = sum(p.numel() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
     mesh = init_device_mesh(device.type, (world,))  # FSDP shards over every rank
     dp_world = world // cfg.cp_degree  # ranks that read different data; each group of cp_degree shares sequences
@@ -317,7 +342,7 @@ def run(cfg, rank, world, device, resume, export_only):
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     log(dict(event="setup", world_size=world, device=str(device), params=total, local_params=local,
-             layout=list(model_cfg.attn), resumed_at=step, data=stream.stats()))
+             layout=list(model_cfg.attn), float8_layers=float8_layers, resumed_at=step, data=stream.stats()))
     if export_only:
         export(out_dir, model, model_cfg, tok, step, cfg)
         return

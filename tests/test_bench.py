@@ -13,7 +13,7 @@ from errors import UserError
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = bench.parse_args(["--preset", "tiny", "--lengths", "256,512", "--batch", "1,2", "--new-tokens", "8",
-                             "--train-lengths", "256", "--hf-lengths", "256", "--decode-kernels", "fused,plain",
+                             "--train-lengths", "256", "--train-precision", "bf16,float8", "--hf-lengths", "256", "--decode-kernels", "fused,plain",
                              "--no-compile", "--device", "cpu",
                              "--json", str(out)])
     report = bench.run(args)
@@ -32,8 +32,9 @@ def test_every_row_is_measured_and_written(run):
         assert r["fused_GBps"] == pytest.approx(r["N"] * r["K"] * 2 / r["fused_us"] / 1e3)
     assert [(r["length"], r["variant"]) for r in written["masks"]] == \
         [(n, v) for n in (256, 512) for v in ("sink_window", "strided")]
-    assert [(r["layout"], r["layers"], r["full_layers"]) for r in written["train"]] == \
-        [("full", 8, 8), ("longgen sink_window", 8, 3), ("longgen strided", 8, 3)]
+    assert [(r["precision"], r["layout"], r["layers"], r["full_layers"]) for r in written["train"]] == \
+        [(p, *row) for p in ("bf16", "float8")
+         for row in (("full", 8, 8), ("longgen sink_window", 8, 3), ("longgen strided", 8, 3))]
     assert [r["length"] for r in written["hf"]] == [256]
     for r in written["inference"]:
         assert r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["kv_bytes"] > 0
@@ -60,10 +61,13 @@ def test_table_ratios_come_from_the_measurements(run):
             assert kv == f"{r['kv_bytes'] / ref['kv_bytes'] - 1:+.0%}"
             assert prefill == f"{ref['prefill_s'] / r['prefill_s']:.2f}x"
             assert decode == f"{ref['decode_ms'] / r['decode_ms']:.2f}x"
-    train_rows = [line for line in table.splitlines() if "| 8 (" in line]
-    full = report["train"][0]
-    for line, r in zip(train_rows[1:], report["train"][1:]):
-        assert f"| {full['step_ms'] / r['step_ms']:.2f}x |" in line
+    train_rows = [line.split("|")[1:-1] for line in table.splitlines() if "| 8 (" in line]
+    assert len(train_rows) == len(report["train"])
+    for cells, r in zip(train_rows, report["train"]):
+        full = next(x for x in report["train"] if x["layout"] == "full" and x["precision"] == r["precision"])
+        bf16 = next(x for x in report["train"] if x["layout"] == r["layout"] and x["precision"] == "bf16")
+        assert cells[5].strip() == ("" if r is full else f"{full['step_ms'] / r['step_ms']:.2f}x")
+        assert cells[6].strip() == ("" if r is bf16 else f"{bf16['step_ms'] / r['step_ms']:.2f}x")
 
 
 def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
@@ -78,7 +82,8 @@ def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [(["--parts", "decode"], "Unknown parts"),
                                            (["--lengths", "lots"], "Cannot read the length"),
                                            (["--new-tokens", "2"], "at least 4"),
-                                           (["--decode-kernels", "cublas"], "fused, plain")])
+                                           (["--decode-kernels", "cublas"], "fused, plain"),
+                                           (["--train-precision", "fp8"], "bf16, float8")])
 def test_bad_arguments_say_what_to_fix(argv, message):
     with pytest.raises(UserError, match=message):
         bench.parse_args(argv)

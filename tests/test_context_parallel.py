@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import longgen
-from context_parallel import (CPAttention, cp_cross_entropy, cp_forward, cp_mask, needed_keys, shard, unshard,
+from context_parallel import (CPAttention, cp_forward, cp_mean, cp_mask, needed_keys, shard, unshard,
                               zigzag_positions)
 from masks import Pattern
 from model import build, preset
@@ -47,7 +47,10 @@ def _worker(rank, cp, port, inputs, out_dir):
         for name, (cfg, state_dict, tokens, doc_ids) in inputs.items():
             model = build(cfg, state_dict)
             logits = cp_forward(model, shard(tokens, group), group, doc_ids)
-            loss = cp_cross_entropy(logits, shard(targets_of(tokens, doc_ids), group), group)
+            targets = shard(targets_of(tokens, doc_ids), group)
+            # the loss as train.py makes it: summed 5 tokens at a time (a chunk that does not divide the shard)
+            loss = cp_mean(cp_forward(model, shard(tokens, group), group, doc_ids, targets, loss_chunk=5), targets,
+                           group)
             loss.backward()
             loss, grads = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
             for t in [loss, *grads.values()]:

@@ -10,14 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor, nn
 
 import kernels
 from generate import compiled_decode, prefill
 from cache import Cache
-from model import build, init_weights, preset
+from model import RMSNorm, build, init_weights, preset
 
 needs_gpu_triton = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton is not None),
                                       reason="needs a CUDA GPU with Triton")
+
+
+def modules(w: Tensor, norm: Tensor, eps: float = 1e-5) -> tuple[RMSNorm, nn.Linear]:
+    """model.py's RMSNorm and an nn.Linear holding these weights: what the entry points take."""
+    rms, layer = RMSNorm(w.shape[1], eps), nn.Linear(w.shape[1], w.shape[0], bias=False)
+    rms.weight, layer.weight = nn.Parameter(norm, requires_grad=False), nn.Parameter(w, requires_grad=False)
+    return rms, layer
 
 
 def cases(N: int, K: int, device, dtype=torch.bfloat16):
@@ -25,11 +33,12 @@ def cases(N: int, K: int, device, dtype=torch.bfloat16):
     g = torch.Generator(device="cpu").manual_seed(N * 7 + K)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     w, x, gate_up, res, norm = rand(N, K) / K**0.5, rand(1, 1, K) * 3, rand(1, 1, 2 * K), rand(1, 1, N), rand(K)
-    return [("norm_linear", kernels.norm_linear(x, norm, 1e-5, w), kernels.norm_linear_reference(x, norm, 1e-5, w)),
-            ("linear", kernels.linear(x, w), kernels.linear_reference(x, w)),
-            ("linear + residual", kernels.linear(x, w, res), kernels.linear_reference(x, w, res)),
-            ("gated_linear", kernels.gated_linear(gate_up, w), kernels.gated_linear_reference(gate_up, w)),
-            ("gated_linear + residual", kernels.gated_linear(gate_up, w, res),
+    rms, layer = modules(w, norm)
+    return [("norm_linear", kernels.norm_linear(x, rms, layer), kernels.norm_linear_reference(x, norm, 1e-5, w)),
+            ("linear", kernels.linear(x, layer), kernels.linear_reference(x, w)),
+            ("linear + residual", kernels.linear(x, layer, res), kernels.linear_reference(x, w, res)),
+            ("gated_linear", kernels.gated_linear(gate_up, layer), kernels.gated_linear_reference(gate_up, w)),
+            ("gated_linear + residual", kernels.gated_linear(gate_up, layer, res),
              kernels.gated_linear_reference(gate_up, w, res))]
 
 
@@ -50,12 +59,26 @@ def test_fused_products_match_the_references_on_gpu(N, K):
         assert_within_rounding(name, out, ref)
 
 
+@needs_gpu_triton
+def test_a_module_swapped_in_for_a_linear_runs_as_itself():
+    """What the fused kernel may replace is a plain nn.Linear: a subclass (torchao's Float8Linear in float8 training)
+    keeps its own forward, where the kernel would take the call."""
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    layer = Doubled(64, 32, bias=False, device="cuda", dtype=torch.bfloat16)
+    assert kernels.fused_ok(x, layer.weight)
+    torch.testing.assert_close(kernels.linear(x, layer), 2 * torch.nn.functional.linear(x, layer.weight))
+
+
 def test_the_references_run_where_the_kernel_cannot():
     """More than one row, fp32, or a CPU tensor: the plain PyTorch path, exactly."""
     w, norm = torch.randn(8, 16), torch.randn(16)
     for x in (torch.randn(1, 2, 16), torch.randn(1, 1, 16)):  # two rows; one row but fp32 on a CPU
         assert not kernels.fused_ok(x, w, norm)
-        assert torch.equal(kernels.norm_linear(x, norm, 1e-5, w), kernels.norm_linear_reference(x, norm, 1e-5, w))
+        assert torch.equal(kernels.norm_linear(x, *modules(w, norm)), kernels.norm_linear_reference(x, norm, 1e-5, w))
 
 
 @needs_gpu_triton

@@ -128,3 +128,16 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus, uninterrupted):
     done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", f"out_dir={out}",
                            f"data.paths=[{corpus / 'novels'}]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--resume" in done.stderr
+
+
+def test_float8_training_converts_the_blocks_and_learns(tmp_path, corpus, uninterrupted):
+    """float8=true (torchao; emulated on a CPU) under FSDP2 on two processes: every linear layer of the blocks runs in
+    float8, the output layer does not, and the model still learns."""
+    _, whole = uninterrupted
+    records = train(tmp_path / "f8", corpus, "float8=true")
+    setup = records[0]
+    assert setup["float8_layers"] == 4 * len(setup["layout"])  # wqkv, wo, w13, w2 of every block
+    curve = losses(records)
+    assert curve[6] < curve[1] - 0.5
+    first = losses(whole)[1]  # the same weights and data: close to the 32-bit loss, not equal (float8 products)
+    assert curve[1] == pytest.approx(first, rel=0.01) and curve[1] != first
