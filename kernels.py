@@ -114,6 +114,86 @@ if triton is not None:
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return y
 
+    # -------------------------------------------------------------------------------------------- decode attention
+    @triton.jit
+    def _attention_split_kernel(Q, K, V, M, O_part, LSE_part, S, split_len, scale,
+                                stride_qb, stride_qh, stride_kb, stride_kg, stride_ks, stride_vb, stride_vg, stride_vs,
+                                stride_mb, G: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr,
+                                E: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One key/value head of one row, one split of the slots: softmax-weighted values of its slots for the REP
+        query heads that share the head, unnormalised by the other splits (partial output and its log-sum-exp)."""
+        bg, split = tl.program_id(0), tl.program_id(1)
+        b, g = bg // G, bg % G
+        r = tl.arange(0, REP_PAD)
+        heads, e = g * REP + r, tl.arange(0, E)
+        # Products in fp32 (TF32 on the tensor cores, exact for 16-bit inputs); Triton's interpreter needs it too.
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + e[None, :], mask=(r < REP)[:, None],
+                    other=0.0).to(tl.float32)
+        m_i = tl.full((REP_PAD,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((REP_PAD,), dtype=tl.float32)
+        acc = tl.zeros((REP_PAD, E), dtype=tl.float32)
+        start = split * split_len
+        for s0 in range(start, tl.minimum(start + split_len, S), BLOCK_S):
+            slots = s0 + tl.arange(0, BLOCK_S)
+            in_s = slots < S
+            allowed = tl.load(M + b * stride_mb + slots, mask=in_s, other=0) != 0
+            k = tl.load(K + b * stride_kb + g * stride_kg + slots[:, None] * stride_ks + e[None, :],
+                        mask=in_s[:, None], other=0.0).to(tl.float32)
+            scores = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # (REP_PAD, BLOCK_S); compiled, scale is fp64
+            scores = tl.where(allowed[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot allowed yet: keep zeros, not NaNs
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(scores - m_safe[:, None])
+            v = tl.load(V + b * stride_vb + g * stride_vg + slots[:, None] * stride_vs + e[None, :],
+                        mask=in_s[:, None], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # p rounded to the values' dtype, as SDPA's kernels do
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+            m_i = m_new
+        n_splits = tl.num_programs(1)
+        part = (b * G * REP + heads) * n_splits + split  # (B, H, splits) flattened
+        has = l_i > 0
+        tl.store(O_part + part[:, None] * E + e[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
+                 mask=(r < REP)[:, None])
+        tl.store(LSE_part + part, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=r < REP)
+
+    @triton.jit
+    def _attention_combine_kernel(O_part, LSE_part, O, n_splits, E: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        """One query head of one row: the splits' partial outputs, weighted by their share of the softmax."""
+        bh = tl.program_id(0)
+        sp, e = tl.arange(0, SPLITS_PAD), tl.arange(0, E)
+        lse = tl.load(LSE_part + bh * n_splits + sp, mask=sp < n_splits, other=float("-inf"))
+        w = tl.exp(lse - tl.max(lse, 0))
+        o = tl.load(O_part + (bh * n_splits + sp)[:, None] * E + e[None, :], mask=(sp < n_splits)[:, None], other=0.0)
+        out = tl.sum(o * (w / tl.sum(w, 0))[:, None], 0)
+        tl.store(O + bh * E + e, out.to(O.dtype.element_ty))
+
+    def _split_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, programs: int, wrap=wrap_triton,
+                         block_s: int = 64) -> Tensor:
+        """The two kernels, with about `programs` programs splitting the slots (each split whole key tiles)."""
+        B, H, _, E = q.shape
+        G, S = k.shape[1], k.shape[2]
+        n_splits = max(1, min(triton.cdiv(S, block_s), triton.cdiv(programs, B * G)))
+        split_len = triton.cdiv(triton.cdiv(S, n_splits), block_s) * block_s
+        n_splits = triton.cdiv(S, split_len)
+        o_part = torch.empty((B, H, n_splits, E), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((B, H, n_splits), device=q.device, dtype=torch.float32)
+        mask = mask.reshape(B, S)
+        wrap(_attention_split_kernel)[(B * G, n_splits)](
+            q, k, v, mask, o_part, lse_part, S, split_len, E**-0.5, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0), G=G, REP=H // G,
+            REP_PAD=max(16, triton.next_power_of_2(H // G)), E=E, BLOCK_S=block_s, num_warps=4)
+        out = torch.empty((B, H, 1, E), device=q.device, dtype=q.dtype)
+        wrap(_attention_combine_kernel)[(B * H,)](o_part, lse_part, out, n_splits, E=E,
+                                                  SPLITS_PAD=triton.next_power_of_2(n_splits), num_warps=4)
+        return out
+
+    @triton_op("longgen::decode_attention", mutates_args=())
+    def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        # about 4 programs per SM: every SM reads a share of the cache
+        return _split_attention(q, k, v, mask, 4 * torch.cuda.get_device_properties(q.device).multi_processor_count)
+
 
 enabled = True  # False: the modules always run as themselves (bench.py --decode-kernels plain measures the difference)
 
@@ -156,3 +236,26 @@ def linear(x: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tenso
         y = layer(x)
         return y if residual is None else residual + y
     return _gemv(x, layer.weight, x, x if residual is None else residual, 0.0, NONE, residual is not None)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def attention_ok(q: Tensor, k: Tensor, v: Tensor, mask) -> bool:
+    """Whether the Triton kernel takes this attention: one query per row on a GPU, 16-bit, a boolean (B, 1, 1, S)
+    mask over the slots, a power-of-2 head size, and whole groups of query heads per key/value head."""
+    B, H, T, E = q.shape
+    return (enabled and triton is not None and q.is_cuda and T == 1 and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == v.dtype == q.dtype and isinstance(mask, Tensor) and mask.dtype == torch.bool
+            and mask.shape == (B, 1, 1, k.shape[2]) and mask.stride(-1) == 1 and 16 <= E <= 256 and not E & (E - 1)
+            and k.stride(-1) == v.stride(-1) == q.stride(-1) == 1 and H % k.shape[1] == 0)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(E), where mask) v for q (B, H, T, E), k and v (B, G, S, E), mask (B, 1, T, S) boolean.
+    One query per row on a GPU: split over the slots (flash-decoding), so that every SM reads a share of the cache,
+    then the splits are combined by their log-sum-exp; otherwise SDPA."""
+    if not attention_ok(q, k, v, mask):
+        return attention_reference(q, k, v, mask)
+    return _decode_attention(q, k, v, mask)
