@@ -180,7 +180,7 @@ def attend(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:
         return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, is_causal=True, enable_gqa=True)
     if isinstance(mask, BlockMask):
         return flex(q_BHTE, k_BGSE, v_BGSE, mask)
-    return kernels.attention(q_BHTE, k_BGSE, v_BGSE, mask)  # SDPA, or a split-key kernel when decoding on a GPU
+    return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, attn_mask=mask, enable_gqa=True)
 
 
 class Attention(nn.Module):
