@@ -250,14 +250,13 @@ def train_step(cfg, length: int, precision: str, args) -> dict:
         train.lm_loss(model, tokens, doc_ids, doc_masking=False, loss_chunk=args.loss_chunk).backward()
         model.zero_grad(set_to_none=True)
 
-    peak = {}
     try:
-        compile_s, peak["compile"] = timed_s(step, device), peak_bytes(device)
-        ms, peak["step"] = median_ms(step, device), peak_bytes(device)
+        compile_s, compile_peak = timed_s(step, device), peak_bytes(device)
+        ms, peak = median_ms(step, device), peak_bytes(device)
     except torch.OutOfMemoryError:
         return dict(skipped="out of memory")
     pairs = {k: cfg.pattern(k).pairs(length) for k in set(cfg.attn)}
-    return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak["step"], compile_peak_bytes=peak["compile"],
+    return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak, compile_peak_bytes=compile_peak,
                 attn_pairs=sum(pairs[k] for k in cfg.attn), loss_chunk=args.loss_chunk)
 
 
@@ -411,15 +410,15 @@ def tables(report: dict) -> str:
     out = [f"{report['device']}, torch {report['torch']}, {report['preset']} shapes, bf16; copy "
            f"{report['copy_GBps']:.0f} GB/s, matmul {report['matmul_TFLOPs']:.3g} TFLOP/s"]
 
-    def ref(part, row, **match):
-        return next((r for r in report[part] if r["layout"] == "full" and all(r[k] == v for k, v in match.items())),
-                    None)
+    def find(part, **match):
+        """The first row of `part` with these values (None if there is none)."""
+        return next((r for r in report[part] if all(r[k] == v for k, v in match.items())), None)
 
     if report["inference"]:
         out.append("\n| context | batch | layout | products | KV GiB | KV vs full | prefill s | speed-up | decode ms | "
                    "speed-up | of roofline |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for r in report["inference"]:
-            f = ref("inference", r, length=r["length"], batch=r["batch"], kernels=r["kernels"])
+            f = find("inference", layout="full", length=r["length"], batch=r["batch"], kernels=r["kernels"])
             if "skipped" in r:
                 out.append(f"| {r['length']} | {r['batch']} | {r['layout']} | {r['kernels']} | skipped: {r['skipped']} "
                            "|||||||")
@@ -441,13 +440,13 @@ def tables(report: dict) -> str:
         out.append("\n| context | layout | layers (full) | linears | step ms | speed-up | float8 vs bf16 | peak GiB | "
                    "peak GiB, compiling step | loss chunk |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in report["train"]:
-            f = ref("train", r, length=r["length"], precision=r["precision"])
+            f = find("train", layout="full", length=r["length"], precision=r["precision"])
             if "skipped" in r:
                 out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | {r['precision']} | "
                            f"skipped: {r['skipped']} ||||||")
                 continue
-            bf16 = next((x for x in report["train"] if x["precision"] == "bf16" and x["length"] == r["length"]
-                         and x["layout"] == r["layout"]), None) if r["precision"] == "float8" else None
+            bf16 = find("train", layout=r["layout"], length=r["length"], precision="bf16") \
+                if r["precision"] == "float8" else None
             out.append(f"| {r['length']} | {r['layout']} | {r['layers']} ({r['full_layers']}) | {r['precision']} | "
                        f"{r['step_ms']:.1f} | {ratio(f, r, 'step_ms')} | {ratio(bf16, r, 'step_ms')} | "
                        f"{r['peak_bytes'] / 2**30:.1f} | {r['compile_peak_bytes'] / 2**30:.1f} | "

@@ -39,19 +39,27 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up, gate_up = [gate | up] along the last dimension."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def plus(y: Tensor, residual: Tensor | None) -> Tensor:
+    """residual + y, rounded as eager rounds it (y first), or y alone."""
+    return y if residual is None else residual + y
+
+
 def norm_linear_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
     return F.linear(rms_norm(x, norm_weight, eps), weight)
 
 
 def gated_linear_reference(gate_up: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    y = F.linear(F.silu(gate) * up, weight)
-    return y if residual is None else residual + y
+    return plus(F.linear(swiglu(gate_up), weight), residual)
 
 
 def linear_reference(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
-    y = F.linear(x, weight)
-    return y if residual is None else residual + y
+    return plus(F.linear(x, weight), residual)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -143,9 +151,7 @@ def norm_linear(x: Tensor, norm: nn.Module, layer: nn.Module) -> Tensor:
 def gated_linear(gate_up: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tensor:
     """(residual +) layer(silu(gate) * up), gate_up = [gate | up] along the last dimension."""
     if not (_plain(layer) and fused_ok(gate_up, layer.weight, residual)):
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = layer(F.silu(gate) * up)
-        return y if residual is None else residual + y
+        return plus(layer(swiglu(gate_up)), residual)
     return _gemv(gate_up, layer.weight, gate_up, gate_up if residual is None else residual, 0.0, SWIGLU,
                  residual is not None)
 
@@ -153,6 +159,5 @@ def gated_linear(gate_up: Tensor, layer: nn.Module, residual: Tensor | None = No
 def linear(x: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tensor:
     """(residual +) layer(x)."""
     if not (_plain(layer) and fused_ok(x, layer.weight, residual)):
-        y = layer(x)
-        return y if residual is None else residual + y
+        return plus(layer(x), residual)
     return _gemv(x, layer.weight, x, x if residual is None else residual, 0.0, NONE, residual is not None)
