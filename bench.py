@@ -239,7 +239,7 @@ def train_step(cfg, length: int, precision: str, args) -> dict:
     device = args.device
     model = build(cfg, device=device, dtype=torch.bfloat16)
     if precision == "float8":
-        train.convert_float8(model)
+        train.convert_float8(model, device)
     peak_bytes(device)  # from here: the compiling step's peak, then the timed steps' (compiling allocates its own)
     for i, block in enumerate(model.layers):
         model.layers[i] = train.wrap_block(block, activation_checkpointing=True, compile=args.compile)

@@ -156,11 +156,15 @@ def model_config(cfg: TrainConfig, tok):
     return (longgen.full_attention(new) if cfg.baseline == "full" else new), state_dict
 
 
-def convert_float8(model) -> int:
+def convert_float8(model, device) -> int:
     """torchao's float8 training: every linear layer inside the blocks (sides multiples of 16) becomes a Float8Linear,
     whose products run in float8 with dynamic per-tensor scales (inputs and weights e4m3, gradients e5m2); master
     weights, optimizer and everything else are unchanged. The output layer stays in 16 bits, as in torchtitan. On a
-    CPU it runs too (emulated, slowly): the tests use that."""
+    CPU it runs too (emulated, slowly): the tests use that. Returns the number of layers converted."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError(f"float8=true needs a GPU with float8 matrix units (compute capability 8.9+, e.g. H100); "
+                        f"{torch.cuda.get_device_name(device)} has none: set float8=false.")
     try:
         from torchao.float8 import convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
@@ -314,12 +318,7 @@ def run(cfg, rank, world, device, resume, export_only):
     model_cfg, state_dict = model_config(cfg, tok)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(model_cfg, state_dict)  # fp32 master weights
-    float8_layers = 0
-    if cfg.float8:
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-            raise UserError(f"float8=true needs a GPU with float8 matrix units (compute capability 8.9+, e.g. H100); "
-                            f"{torch.cuda.get_device_name(device)} has none: set float8=false.")
-        float8_layers = convert_float8(model)
+    float8_layers = convert_float8(model, device) if cfg.float8 else 0
     n_params = sum(p.numel() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
     mesh = init_device_mesh(device.type, (world,))  # FSDP shards over every rank
     dp_world = world // cfg.cp_degree  # ranks that read different data; each group of cp_degree shares sequences
