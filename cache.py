@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid
+from model import rope_angles, rope_frequencies
 
 TILE = 128  # slots are allocated in multiples of this (flex's tile; other lengths crashed flex decoding on an H100)
 
@@ -85,6 +86,10 @@ class Cache:
         self.kinds = {kind: KindCache(cfg.pattern(kind), cfg.attn.count(kind), batch, max_len, cfg.n_kv_heads,
                                       cfg.head_dim, device, dtype) for kind in dict.fromkeys(cfg.attn)}
         self.pos = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) next position of each row
+        # RoPE's cos and sin for every position, (max_len, E) each, made once: kernels.norm_qkv_rope reads a decoding
+        # step's row (angles made inside a compiled step were made again before every layer)
+        cos, sin = rope_angles(rope_frequencies(cfg, device), torch.arange(max_len, device=device), dtype)
+        self.rope_table = cos.view(max_len, -1), sin.view(max_len, -1)
         self.lengths = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) prompt lengths
         self.filled, self.decoding = 0, False
         self._plans: dict[str, object] = {}
@@ -106,7 +111,8 @@ class Cache:
 
     def mark_static(self) -> None:
         """Tell torch.compile these tensors keep their addresses, so a CUDA graph can update them in place."""
-        for t in (self.pos, self.lengths, *(x for kc in self.kinds.values() for x in (*kc.k, *kc.v, kc.slot_pos))):
+        buffers = (x for kc in self.kinds.values() for x in (*kc.k, *kc.v, kc.slot_pos))
+        for t in (self.pos, self.lengths, *self.rope_table, *buffers):
             torch._dynamo.mark_static_address(t)
 
     def nbytes(self) -> dict[str, int]:
@@ -195,16 +201,23 @@ class Cache:
         all_ = torch.cat([torch.zeros_like(cache_any), all_.expand(B, -1, -1)], dim=-1)
         return from_block_grid(any_, all_, chunk_mask, T, C + T, (QB, KB))
 
+    def decode_buffers(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A decoding step's place for this layer's new keys and values: its buffers (B, G, C, E) and each row's slot,
+        (B,). update() writes there; kernels.norm_qkv_rope writes there itself."""
+        kc = self.kinds[self.layer_kind[layer]]
+        return kc.k[self.index[layer]], kc.v[self.index[layer]], kc.slot_of(self.pos)
+
     def update(self, layer: int, k_BGTE: Tensor, v_BGTE: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new keys/values; return the keys/values its queries attend to, (B, G, S, E)."""
-        kind = self.layer_kind[layer]
-        kc = self.kinds[kind]
-        K, V = kc.k[self.index[layer]], kc.v[self.index[layer]]  # (B, G, C, E)
         if self.decoding:
-            rows, slot = torch.arange(self.batch, device=K.device), kc.slot_of(self.pos)  # (B,), (B,)
+            K, V, slot = self.decode_buffers(layer)
+            rows = torch.arange(self.batch, device=K.device)  # (B,)
             K[rows, :, slot] = k_BGTE[:, :, 0]
             V[rows, :, slot] = v_BGTE[:, :, 0]
             return K, V
+        kind = self.layer_kind[layer]
+        kc = self.kinds[kind]
+        K, V = kc.k[self.index[layer]], kc.v[self.index[layer]]  # (B, G, C, E)
         plan = self._plans[kind]
         c0, c1 = self.filled, self.filled + k_BGTE.shape[2]
         if plan is None:  # full

@@ -7,6 +7,11 @@ those steps cost launches and round trips through memory; here each folds into t
     norm_linear(x, norm, W)          W @ rmsnorm(x)              the attention and MLP inputs
     gated_linear(gate_up, W, res)    res + W @ (silu(gate) * up)  the MLP's down projection
     linear(x, W, res)                res + W @ x                  the attention output
+    norm_qkv_rope(x, norm, W, ...)   rope(W @ rmsnorm(x))         queries out; keys and values into the cache
+
+The last one ends a decoding step's q/k/v product with RoPE and the cache write, which were small kernels of their own
+in every layer. It reads RoPE's cos and sin from a table of every position (cache.Cache.rope_table): passed angles made
+inside the compiled step, inductor computed them again before every layer.
 
 Where the Triton kernel cannot run (on a CPU, without Triton, for more than one row, for other dtypes, or for a module
 swapped in for nn.Linear) the modules run as themselves. `*_reference` is the same arithmetic on plain tensors, rounding
@@ -62,8 +67,53 @@ def linear_reference(x: Tensor, weight: Tensor, residual: Tensor | None = None) 
     return plus(F.linear(x, weight), residual)
 
 
+def rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the half-split layout (model.apply_rope), in fp32 and rounded once, as a compiled step computes it."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()).to(x.dtype)
+
+
+def norm_qkv_rope_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, rope_table, pos: Tensor,
+                            k_cache: Tensor, v_cache: Tensor, slot: Tensor, n_heads: int) -> Tensor:
+    """One token (1, 1, D) at position pos (1,): queries (1, H, 1, E) out; its keys and values written to slot `slot`
+    (1,) of the caches (1, G, C, E). rope_table: cos and sin, (positions, E) each."""
+    E = k_cache.shape[-1]
+    cos, sin = (t[pos[0]] for t in rope_table)  # (E,)
+    q, k, v = norm_linear_reference(x, norm_weight, eps, weight).view(-1, E).split(
+        [n_heads, k_cache.shape[1], v_cache.shape[1]])  # (heads, E) each
+    k_cache[0, :, slot[0]], v_cache[0, :, slot[0]] = rope_half(k, cos, sin), v
+    return rope_half(q, cos, sin).view(1, n_heads, 1, E)
+
+
 # ------------------------------------------------------------------------------------------------ the kernel
 if triton is not None:
+    @triton.jit
+    def _rms_scale(X, K, eps, BLOCK_K: tl.constexpr):
+        """RMSNorm's 1 / rms(x), from the whole of x."""
+        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+            sq += x * x
+        return tl.rsqrt(tl.sum(sq, 0) / K + eps)
+
+    @triton.jit
+    def _input(X, G, K, cols, in_cols, rstd, PROLOGUE: tl.constexpr):
+        """prologue(X)[cols] in fp32, rounded to the input dtype where eager rounds (the product of two 16-bit floats is
+        exact in fp32, so each rounding matches eager's bf16/fp16 multiply)."""
+        dtype = X.dtype.element_ty
+        if PROLOGUE == 1:  # RMSNorm: (x * rstd), rounded, times the norm's weight, rounded
+            x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
+            x = (x * rstd).to(dtype).to(tl.float32)
+            x = (x * tl.load(G + cols, mask=in_cols, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        elif PROLOGUE == 2:  # X holds [gate | up]: silu(gate), rounded, times up, rounded
+            gate = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
+            up = tl.load(X + K + cols, mask=in_cols, other=0.0).to(tl.float32)
+            x = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+        else:
+            x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
+        return x
+
     @triton.jit
     def _gemv_kernel(W, X, G, R, Y, N, K, eps, PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -71,29 +121,14 @@ if triton is not None:
         dtype = X.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_rows = rows < N
-        if PROLOGUE == 1:  # RMSNorm's scale, from the whole of x
-            sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-                sq += x * x
-            rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
+        rstd = 1.0
+        if PROLOGUE == 1:
+            rstd = _rms_scale(X, K, eps, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             in_cols = cols < K
-            # Arithmetic in fp32, rounded to the input dtype where eager rounds (the product of two 16-bit floats is
-            # exact in fp32, so each rounding matches eager's bf16/fp16 multiply).
-            if PROLOGUE == 1:  # RMSNorm: (x * rstd), rounded, times the norm's weight, rounded
-                x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
-                x = (x * rstd).to(dtype).to(tl.float32)
-                x = (x * tl.load(G + cols, mask=in_cols, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-            elif PROLOGUE == 2:  # X holds [gate | up]: silu(gate), rounded, times up, rounded
-                gate = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
-                up = tl.load(X + K + cols, mask=in_cols, other=0.0).to(tl.float32)
-                x = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
-            else:
-                x = tl.load(X + cols, mask=in_cols, other=0.0).to(tl.float32)
+            x = _input(X, G, K, cols, in_cols, rstd, PROLOGUE)
             w = tl.load(W + rows[:, None] * K + cols[None, :], mask=in_rows[:, None] & in_cols[None, :], other=0.0,
                         eviction_policy="evict_first")  # each weight is read once: keep L2 for x
             acc += w.to(tl.float32) * x[None, :]
@@ -102,6 +137,54 @@ if triton is not None:
             y = y.to(dtype).to(tl.float32) + tl.load(R + rows, mask=in_rows, other=0.0).to(tl.float32)
         tl.store(Y + rows, y.to(dtype), mask=in_rows)
 
+    @triton.jit
+    def _qkv_rope_kernel(W, X, G, COS, SIN, POS, Q, KC, VC, SLOT, K, C, eps, N_HEADS, N_KV_HEADS, E: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        """wqkv @ rmsnorm(X) for one token at position POS, then RoPE with row POS of the tables COS, SIN (positions,
+        E); queries to Q (H, E), keys and values to slot SLOT of the caches KC, VC (G, C, E). RoPE mixes element j of a head with element j + E/2: each program takes BLOCK_P such pairs
+        of one head's rows, so the rotation happens in registers before anything is stored."""
+        dtype = X.dtype.element_ty
+        HALF: tl.constexpr = E // 2
+        per_head = HALF // BLOCK_P  # programs per head (of queries, keys or values)
+        head = tl.program_id(0) // per_head
+        j = (tl.program_id(0) % per_head) * BLOCK_P + tl.arange(0, BLOCK_P)  # (P,) within the first half
+        lo = head * E + j  # wqkv's rows: [queries | keys | values], head after head
+        hi = lo + HALF
+        rstd = _rms_scale(X, K, eps, BLOCK_K)
+        acc_lo = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            in_cols = cols < K
+            x = _input(X, G, K, cols, in_cols, rstd, 1)[None, :]
+            w_lo = tl.load(W + lo[:, None] * K + cols[None, :], mask=in_cols[None, :], other=0.0,
+                           eviction_policy="evict_first")
+            w_hi = tl.load(W + hi[:, None] * K + cols[None, :], mask=in_cols[None, :], other=0.0,
+                           eviction_policy="evict_first")
+            acc_lo += w_lo.to(tl.float32) * x
+            acc_hi += w_hi.to(tl.float32) * x
+        a = tl.sum(acc_lo, 1).to(dtype).to(tl.float32)  # rounded as the product's output is
+        b = tl.sum(acc_hi, 1).to(dtype).to(tl.float32)
+        if head < N_HEADS + N_KV_HEADS:  # queries and keys: x * cos + [-x2 | x1] * sin, rounded once
+            row = tl.load(POS).to(tl.int64) * E + j
+            cos_lo, cos_hi = tl.load(COS + row).to(tl.float32), tl.load(COS + row + HALF).to(tl.float32)
+            sin_lo, sin_hi = tl.load(SIN + row).to(tl.float32), tl.load(SIN + row + HALF).to(tl.float32)
+            a, b = a * cos_lo - b * sin_lo, b * cos_hi + a * sin_hi
+        if head < N_HEADS:
+            tl.store(Q + lo, a.to(dtype))
+            tl.store(Q + hi, b.to(dtype))
+        else:
+            slot = tl.load(SLOT).to(tl.int64)
+            is_key = head < N_HEADS + N_KV_HEADS
+            g = tl.where(is_key, head - N_HEADS, head - N_HEADS - N_KV_HEADS).to(tl.int64)
+            at = (g * C + slot) * E + j
+            if is_key:
+                tl.store(KC + at, a.to(dtype))
+                tl.store(KC + at + HALF, b.to(dtype))
+            else:
+                tl.store(VC + at, a.to(dtype))
+                tl.store(VC + at + HALF, b.to(dtype))
+
     def _tiles(N: int, K: int) -> tuple[int, int, int]:
         """Rows per program, the K step and warps per program. Two rows per program give the memory system many
         independent streams. A short N (the 4096 rows of wo and w2) makes few programs: each then takes longer K steps
@@ -109,6 +192,11 @@ if triton is not None:
         if N <= 4096:
             return (8 if K > 8192 else 2), min(2048, triton.next_power_of_2(K)), 8
         return 2, min(1024, triton.next_power_of_2(K)), 4
+
+    def _rope_tiles(E: int, K: int) -> tuple[int, int, int, int]:
+        """Row pairs per program (a divisor of E / 2), the K step, warps and pipeline stages for norm_qkv_rope: one
+        pair, as _tiles gives the plain product two rows."""
+        return 1, min(1024, triton.next_power_of_2(K)), 4, 3
 
     @triton_op("longgen::gemv", mutates_args=())
     def _gemv(x: Tensor, weight: Tensor, norm_weight: Tensor, residual: Tensor, eps: float, prologue: int,
@@ -121,6 +209,18 @@ if triton is not None:
             weight, x, norm_weight, residual, y, N, K, eps, PROLOGUE=prologue, RESIDUAL=use_residual,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
         return y
+
+    @triton_op("longgen::norm_qkv_rope", mutates_args={"k_cache", "v_cache"})
+    def _norm_qkv_rope(x: Tensor, weight: Tensor, norm_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
+                       pos: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor, n_heads: int) -> Tensor:
+        _, G, C, E = k_cache.shape
+        K = weight.shape[1]
+        q = torch.empty((1, n_heads, 1, E), device=x.device, dtype=x.dtype)
+        block_p, block_k, warps, stages = _rope_tiles(E, K)
+        wrap_triton(_qkv_rope_kernel)[((n_heads + 2 * G) * (E // 2) // block_p,)](
+            weight, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, slot, K, C, eps, n_heads, G, E=E,
+            BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        return q
 
 
 enabled = True  # False: the modules always run as themselves (bench.py --decode-kernels plain measures the difference)
@@ -154,6 +254,23 @@ def gated_linear(gate_up: Tensor, layer: nn.Module, residual: Tensor | None = No
         return plus(layer(swiglu(gate_up)), residual)
     return _gemv(gate_up, layer.weight, gate_up, gate_up if residual is None else residual, 0.0, SWIGLU,
                  residual is not None)
+
+
+def rope_fusable(x: Tensor, norm: nn.Module, layer: nn.Module, rope_table: tuple[Tensor, Tensor],
+                 k_cache: Tensor) -> bool:
+    """Whether norm_qkv_rope's kernel takes this decoding step: one token of one sequence, as for the products, with
+    contiguous caches and RoPE tables of its dtype."""
+    return (_plain(layer) and fused_ok(x, layer.weight, norm.weight, k_cache, *rope_table) and k_cache.shape[0] == 1
+            and all(t.is_contiguous() for t in (k_cache, *rope_table)) and k_cache.shape[-1] % 2 == 0
+            and rope_table[0].shape[-1] == k_cache.shape[-1])
+
+
+def norm_qkv_rope(x: Tensor, norm: nn.Module, layer: nn.Module, rope_table: tuple[Tensor, Tensor], pos: Tensor,
+                  k_cache: Tensor, v_cache: Tensor, slot: Tensor, n_heads: int) -> Tensor:
+    """One token (1, 1, D) of one sequence at position pos (1,): rmsnorm, wqkv, RoPE on queries and keys (cos and sin
+    from row pos of rope_table, (positions, E) each), and the keys and values written to slot `slot` (1,) of the caches
+    (1, G, C, E). Returns the queries, (1, H, 1, E). Only where rope_fusable() says."""
+    return _norm_qkv_rope(x, layer.weight, norm.weight, norm.eps, *rope_table, pos, k_cache, v_cache, slot, n_heads)
 
 
 def linear(x: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tensor:

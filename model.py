@@ -192,20 +192,22 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x_BTD, rope, mask, cache=None):
-        return self.wo(self.attend(self.wqkv(x_BTD), rope, mask, cache))
-
-    def attend(self, qkv_BTX, rope, mask, cache=None):
-        """The attention between the projections: queries, keys and values in, (B, T, H * E) out."""
-        B, T, _ = qkv_BTX.shape
+    def attend(self, x_BTD, norm, rope, mask, cache=None):
+        """RMSNorm (`norm`), the q/k/v product, RoPE and the attention: (B, T, H * E) out, for wo."""
+        B, T, _ = x_BTD.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = qkv_BTX.split([H * E, G * E, G * E], dim=-1)
-        q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
-        k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
-        v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
+        buffers = cache.decode_buffers(self.layer_id) if cache is not None and cache.decoding else None
+        if buffers is not None and kernels.rope_fusable(x_BTD, norm, self.wqkv, cache.rope_table, buffers[0]):
+            k, v, slot = buffers  # decoding one sequence on a GPU: norm, product, RoPE, cache write in one kernel
+            q = kernels.norm_qkv_rope(x_BTD, norm, self.wqkv, cache.rope_table, cache.pos, k, v, slot, H)
+        else:
+            q, k, v = kernels.norm_linear(x_BTD, norm, self.wqkv).split([H * E, G * E, G * E], dim=-1)
+            q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
+            k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+            v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
         y = attend(q, k, v, mask)  # (B, H, T, E)
         return y.transpose(1, 2).reshape(B, T, -1)
 
@@ -232,8 +234,7 @@ class Block(nn.Module):
         """h = x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)), written with kernels.py's products:
         decoding one sequence on a GPU, each norm, activation and residual add runs inside the product next to it."""
         attn, ffn = self.attention, self.feed_forward
-        qkv = kernels.norm_linear(x_BTD, self.attention_norm, attn.wqkv)
-        h = kernels.linear(attn.attend(qkv, rope, mask, cache), attn.wo, residual=x_BTD)
+        h = kernels.linear(attn.attend(x_BTD, self.attention_norm, rope, mask, cache), attn.wo, residual=x_BTD)
         gate_up = kernels.norm_linear(h, self.ffn_norm, ffn.w13)
         return kernels.gated_linear(gate_up, ffn.w2, residual=h)
 

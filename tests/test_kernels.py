@@ -59,6 +59,45 @@ def test_fused_products_match_the_references_on_gpu(N, K):
         assert_within_rounding(name, out, ref)
 
 
+def rope_case(H: int, G: int, E: int, K: int, C: int, device, slot: int = 5, pos: int = 7):
+    """norm_qkv_rope's inputs for one token (caches of C random slots, RoPE tables of 3 * pos random angles) and the
+    reference's queries and caches."""
+    g = torch.Generator().manual_seed(H * 1000 + E + K)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)  # noqa: E731
+    angles = (torch.rand(3 * pos, E // 2, generator=g) * 1000).repeat(1, 2)  # half-split: j and j + E/2 share one
+    t = dict(x=rand(1, 1, K) * 3, w=rand((H + 2 * G) * E, K) / K**0.5, norm=rand(K),
+             table=tuple(f(angles).to(device=device, dtype=torch.bfloat16) for f in (torch.cos, torch.sin)),
+             pos=torch.tensor([pos], device=device, dtype=torch.int32), k=rand(1, G, C, E), v=rand(1, G, C, E),
+             slot=torch.tensor([slot], device=device, dtype=torch.int32))
+    k_ref, v_ref = t["k"].clone(), t["v"].clone()
+    q_ref = kernels.norm_qkv_rope_reference(t["x"], t["norm"], 1e-5, t["w"], t["table"], t["pos"], k_ref, v_ref,
+                                            t["slot"], H)
+    return t, (q_ref, k_ref, v_ref)
+
+
+def check_rope(name: str, outs, refs, slot: Tensor) -> None:
+    """Queries and the written slot within rounding; every other slot of the caches untouched."""
+    s = slot.item()
+    for part, out, ref in zip(("queries", "keys", "values"), outs, refs):
+        if part == "queries":
+            assert_within_rounding(f"{name}: {part}", out, ref)
+            continue
+        assert_within_rounding(f"{name}: {part} written", out[:, :, s], ref[:, :, s])
+        others = torch.arange(out.shape[2], device=out.device) != s
+        assert torch.equal(out[:, :, others], ref[:, :, others]), f"{name}: {part} outside the slot changed"
+
+
+@needs_gpu_triton
+@pytest.mark.parametrize("H, G, E, K, C", [(32, 32, 128, 4096, 4224), (9, 3, 64, 576, 256), (4, 2, 16, 64, 128)])
+def test_fused_rope_and_cache_write_match_the_reference_on_gpu(H, G, E, K, C):
+    """Llama-2-7B's, SmolLM2's and the tiny preset's attention shapes: queries out, keys and values into one slot."""
+    t, refs = rope_case(H, G, E, K, C, "cuda", slot=C - 3)
+    rms, layer = modules(t["w"], t["norm"])
+    assert kernels.rope_fusable(t["x"], rms, layer, t["table"], t["k"])  # the Triton path really runs below
+    q = kernels.norm_qkv_rope(t["x"], rms, layer, t["table"], t["pos"], t["k"], t["v"], t["slot"], H)
+    check_rope(f"{H} heads, {G} key/value heads", (q, t["k"], t["v"]), refs, t["slot"])
+
+
 @needs_gpu_triton
 def test_a_module_swapped_in_for_a_linear_runs_as_itself():
     """What the fused kernel may replace is a plain nn.Linear: a subclass (torchao's Float8Linear in float8 training)
@@ -82,12 +121,16 @@ def test_the_references_run_where_the_kernel_cannot():
 
 
 @needs_gpu_triton
-def test_compiled_decoding_with_fused_products_matches_plain_products():
+@pytest.mark.parametrize("attn", [(), ("sink_window", "strided", "full", "full", "strided", "sink_window")],
+                         ids=["full", "mixed"])
+def test_compiled_decoding_with_fused_products_matches_plain_products(attn):
     """A tiny model, batch 1, compiled CUDA-graph decoding of the same 40 tokens (the plain run's greedy choices, fed to
     every run): the bf16 logits with fused kernels are as close to the same model's fp32 logits as the plain bf16
-    path's are, and pick the same token wherever the plain path's choice is clear of rounding."""
+    path's are, and pick the same token wherever the plain path's choice is clear of rounding. Every layer full, and
+    the three kinds mixed: the 200-token prompt and 40 steps pass the window (24) and the stride period (32), so the
+    fused cache write lands in ring slots that wrap."""
     torch.manual_seed(0)
-    model = build(preset("tiny"))
+    model = build(preset("tiny", attn=attn))
     init_weights(model, std=0.08)
     models = {"fp32": model.to("cuda").eval(), "fused": build(model.cfg).to("cuda", torch.bfloat16).eval()}
     models["fused"].load_state_dict(model.state_dict())
@@ -137,6 +180,13 @@ def interpreted_checks() -> None:
                                                             RESIDUAL=residual, BLOCK_N=4, BLOCK_K=64)
                 assert_within_rounding(f"prologue {prologue}, residual {residual}, {N} x {K}", y,
                                        (res + ref) if residual else ref)
+    for H, G, E, K, block_p in ((3, 1, 8, 200, 1), (4, 2, 16, 64, 2)):  # K = 200: not a multiple of BLOCK_K
+        t, refs = rope_case(H, G, E, K, 12, "cpu")
+        q = torch.empty(1, H, 1, E, dtype=torch.bfloat16)
+        kernels._qkv_rope_kernel[((H + 2 * G) * E // 2 // block_p,)](
+            t["w"], t["x"], t["norm"], *t["table"], t["pos"], q, t["k"], t["v"], t["slot"], K, 12, 1e-5, H, G, E=E,
+            BLOCK_P=block_p, BLOCK_K=64)
+        check_rope(f"{H} heads, {G} key/value heads, E {E}", (q, t["k"], t["v"]), refs, t["slot"])
 
 
 def interpreter_unusable() -> str:
