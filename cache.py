@@ -55,6 +55,7 @@ class KindCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch, C), -1, device=device, dtype=torch.int32)  # (B, C) position in each slot
         self.mask_mod = pattern.mask_mod(device)
+        self.slots = self.slot_of(torch.arange(max_len, device=device, dtype=torch.int32))  # (max_len,) by position
 
     def slot_of(self, pos: Tensor) -> Tensor:
         """The slot each position is written to."""
@@ -87,7 +88,7 @@ class Cache:
                                       cfg.head_dim, device, dtype) for kind in dict.fromkeys(cfg.attn)}
         self.pos = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) next position of each row
         # RoPE's cos and sin for every position, (max_len, E) each, made once: kernels.norm_qkv_rope reads a decoding
-        # step's row (angles made inside a compiled step were made again before every layer)
+        # step's row (as for KindCache.slots: angles made inside a compiled step were made again for every layer)
         cos, sin = rope_angles(rope_frequencies(cfg, device), torch.arange(max_len, device=device), dtype)
         self.rope_table = cos.view(max_len, -1), sin.view(max_len, -1)
         self.lengths = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) prompt lengths
@@ -111,7 +112,7 @@ class Cache:
 
     def mark_static(self) -> None:
         """Tell torch.compile these tensors keep their addresses, so a CUDA graph can update them in place."""
-        buffers = (x for kc in self.kinds.values() for x in (*kc.k, *kc.v, kc.slot_pos))
+        buffers = (x for kc in self.kinds.values() for x in (*kc.k, *kc.v, kc.slot_pos, kc.slots))
         for t in (self.pos, self.lengths, *self.rope_table, *buffers):
             torch._dynamo.mark_static_address(t)
 
@@ -202,16 +203,17 @@ class Cache:
         return from_block_grid(any_, all_, chunk_mask, T, C + T, (QB, KB))
 
     def decode_buffers(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        """A decoding step's place for this layer's new keys and values: its buffers (B, G, C, E) and each row's slot,
-        (B,). update() writes there; kernels.norm_qkv_rope writes there itself."""
+        """Where a decoding step puts this layer's new keys and values: its buffers (B, G, C, E), at slot slots[pos]
+        with slots (max_len,) the slot of every position. update() writes there; kernels.norm_qkv_rope writes there
+        itself."""
         kc = self.kinds[self.layer_kind[layer]]
-        return kc.k[self.index[layer]], kc.v[self.index[layer]], kc.slot_of(self.pos)
+        return kc.k[self.index[layer]], kc.v[self.index[layer]], kc.slots
 
     def update(self, layer: int, k_BGTE: Tensor, v_BGTE: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new keys/values; return the keys/values its queries attend to, (B, G, S, E)."""
         if self.decoding:
-            K, V, slot = self.decode_buffers(layer)
-            rows = torch.arange(self.batch, device=K.device)  # (B,)
+            K, V, slots = self.decode_buffers(layer)
+            rows, slot = torch.arange(self.batch, device=K.device), slots[self.pos]  # (B,), (B,)
             K[rows, :, slot] = k_BGTE[:, :, 0]
             V[rows, :, slot] = v_BGTE[:, :, 0]
             return K, V

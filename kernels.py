@@ -10,8 +10,7 @@ those steps cost launches and round trips through memory; here each folds into t
     norm_qkv_rope(x, norm, W, ...)   rope(W @ rmsnorm(x))         queries out; keys and values into the cache
 
 The last one ends a decoding step's q/k/v product with RoPE and the cache write, which were small kernels of their own
-in every layer. It reads RoPE's cos and sin from a table of every position (cache.Cache.rope_table): passed angles made
-inside the compiled step, inductor computed them again before every layer.
+in every layer. It reads RoPE's cos and sin, and the slot, from tables by position that the cache makes once.
 
 Where the Triton kernel cannot run (on a CPU, without Triton, for more than one row, for other dtypes, or for a module
 swapped in for nn.Linear) the modules run as themselves. `*_reference` is the same arithmetic on plain tensors, rounding
@@ -74,14 +73,14 @@ def rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def norm_qkv_rope_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, rope_table, pos: Tensor,
-                            k_cache: Tensor, v_cache: Tensor, slot: Tensor, n_heads: int) -> Tensor:
-    """One token (1, 1, D) at position pos (1,): queries (1, H, 1, E) out; its keys and values written to slot `slot`
-    (1,) of the caches (1, G, C, E). rope_table: cos and sin, (positions, E) each."""
-    E = k_cache.shape[-1]
-    cos, sin = (t[pos[0]] for t in rope_table)  # (E,)
+                            k_cache: Tensor, v_cache: Tensor, slots: Tensor, n_heads: int) -> Tensor:
+    """One token (1, 1, D) at position pos (1,): queries (1, H, 1, E) out; its keys and values written to the caches
+    (1, G, C, E) at its slot. Tables by position: rope_table, cos and sin, (positions, E) each; slots (positions,)."""
+    E, p = k_cache.shape[-1], pos[0]
+    cos, sin = rope_table[0][p], rope_table[1][p]  # (E,)
     q, k, v = norm_linear_reference(x, norm_weight, eps, weight).view(-1, E).split(
         [n_heads, k_cache.shape[1], v_cache.shape[1]])  # (heads, E) each
-    k_cache[0, :, slot[0]], v_cache[0, :, slot[0]] = rope_half(k, cos, sin), v
+    k_cache[0, :, slots[p]], v_cache[0, :, slots[p]] = rope_half(k, cos, sin), v
     return rope_half(q, cos, sin).view(1, n_heads, 1, E)
 
 
@@ -138,10 +137,11 @@ if triton is not None:
         tl.store(Y + rows, y.to(dtype), mask=in_rows)
 
     @triton.jit
-    def _qkv_rope_kernel(W, X, G, COS, SIN, POS, Q, KC, VC, SLOT, K, C, eps, N_HEADS, N_KV_HEADS, E: tl.constexpr,
+    def _qkv_rope_kernel(W, X, G, COS, SIN, POS, Q, KC, VC, SLOTS, K, C, eps, N_HEADS, N_KV_HEADS, E: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
         """wqkv @ rmsnorm(X) for one token at position POS, then RoPE with row POS of the tables COS, SIN (positions,
-        E); queries to Q (H, E), keys and values to slot SLOT of the caches KC, VC (G, C, E). RoPE mixes element j of a head with element j + E/2: each program takes BLOCK_P such pairs
+        E); queries to Q (H, E), keys and values to slot SLOTS[POS] of the caches KC, VC (G, C, E).
+        RoPE mixes element j of a head with element j + E/2: each program takes BLOCK_P such pairs
         of one head's rows, so the rotation happens in registers before anything is stored."""
         dtype = X.dtype.element_ty
         HALF: tl.constexpr = E // 2
@@ -174,7 +174,7 @@ if triton is not None:
             tl.store(Q + lo, a.to(dtype))
             tl.store(Q + hi, b.to(dtype))
         else:
-            slot = tl.load(SLOT).to(tl.int64)
+            slot = tl.load(SLOTS + tl.load(POS)).to(tl.int64)
             is_key = head < N_HEADS + N_KV_HEADS
             g = tl.where(is_key, head - N_HEADS, head - N_HEADS - N_KV_HEADS).to(tl.int64)
             at = (g * C + slot) * E + j
@@ -213,13 +213,13 @@ if triton is not None:
 
     @triton_op("longgen::norm_qkv_rope", mutates_args={"k_cache", "v_cache"})
     def _norm_qkv_rope(x: Tensor, weight: Tensor, norm_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
-                       pos: Tensor, k_cache: Tensor, v_cache: Tensor, slot: Tensor, n_heads: int) -> Tensor:
+                       pos: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, n_heads: int) -> Tensor:
         _, G, C, E = k_cache.shape
         K = weight.shape[1]
         q = torch.empty((1, n_heads, 1, E), device=x.device, dtype=x.dtype)
         block_p, block_k, warps, stages = _rope_tiles(E, K)
         wrap_triton(_qkv_rope_kernel)[((n_heads + 2 * G) * (E // 2) // block_p,)](
-            weight, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, slot, K, C, eps, n_heads, G, E=E,
+            weight, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, slots, K, C, eps, n_heads, G, E=E,
             BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         return q
 
@@ -267,11 +267,12 @@ def rope_fusable(x: Tensor, norm: nn.Module, layer: nn.Module, rope_table: tuple
 
 
 def norm_qkv_rope(x: Tensor, norm: nn.Module, layer: nn.Module, rope_table: tuple[Tensor, Tensor], pos: Tensor,
-                  k_cache: Tensor, v_cache: Tensor, slot: Tensor, n_heads: int) -> Tensor:
-    """One token (1, 1, D) of one sequence at position pos (1,): rmsnorm, wqkv, RoPE on queries and keys (cos and sin
-    from row pos of rope_table, (positions, E) each), and the keys and values written to slot `slot` (1,) of the caches
-    (1, G, C, E). Returns the queries, (1, H, 1, E). Only where rope_fusable() says."""
-    return _norm_qkv_rope(x, layer.weight, norm.weight, norm.eps, *rope_table, pos, k_cache, v_cache, slot, n_heads)
+                  k_cache: Tensor, v_cache: Tensor, slots: Tensor, n_heads: int) -> Tensor:
+    """One token (1, 1, D) of one sequence at position pos (1,): rmsnorm, wqkv, RoPE on queries and keys, and the keys
+    and values written to the caches (1, G, C, E) at slot slots[pos]. Returns the queries, (1, H, 1, E).
+    rope_table (cos and sin, (positions, E) each) and slots (positions,) are tables by position, made once: computed
+    inside a compiled step, inductor computed them again before every layer's kernel. Only where rope_fusable() says."""
+    return _norm_qkv_rope(x, layer.weight, norm.weight, norm.eps, *rope_table, pos, k_cache, v_cache, slots, n_heads)
 
 
 def linear(x: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tensor:

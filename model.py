@@ -198,8 +198,8 @@ class Attention(nn.Module):
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
         buffers = cache.decode_buffers(self.layer_id) if cache is not None and cache.decoding else None
         if buffers is not None and kernels.rope_fusable(x_BTD, norm, self.wqkv, cache.rope_table, buffers[0]):
-            k, v, slot = buffers  # decoding one sequence on a GPU: norm, product, RoPE, cache write in one kernel
-            q = kernels.norm_qkv_rope(x_BTD, norm, self.wqkv, cache.rope_table, cache.pos, k, v, slot, H)
+            k, v, slots = buffers  # decoding one sequence on a GPU: norm, product, RoPE, cache write in one kernel
+            q = kernels.norm_qkv_rope(x_BTD, norm, self.wqkv, cache.rope_table, cache.pos, k, v, slots, H)
         else:
             q, k, v = kernels.norm_linear(x_BTD, norm, self.wqkv).split([H * E, G * E, G * E], dim=-1)
             q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)

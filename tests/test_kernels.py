@@ -60,24 +60,24 @@ def test_fused_products_match_the_references_on_gpu(N, K):
 
 
 def rope_case(H: int, G: int, E: int, K: int, C: int, device, slot: int = 5, pos: int = 7):
-    """norm_qkv_rope's inputs for one token (caches of C random slots, RoPE tables of 3 * pos random angles) and the
-    reference's queries and caches."""
+    """norm_qkv_rope's inputs for one token (caches of C random slots; tables for 3 * pos positions: random RoPE angles,
+    and slots that put `pos` in slot `slot`) and the reference's queries and caches."""
     g = torch.Generator().manual_seed(H * 1000 + E + K)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16)  # noqa: E731
     angles = (torch.rand(3 * pos, E // 2, generator=g) * 1000).repeat(1, 2)  # half-split: j and j + E/2 share one
     t = dict(x=rand(1, 1, K) * 3, w=rand((H + 2 * G) * E, K) / K**0.5, norm=rand(K),
              table=tuple(f(angles).to(device=device, dtype=torch.bfloat16) for f in (torch.cos, torch.sin)),
              pos=torch.tensor([pos], device=device, dtype=torch.int32), k=rand(1, G, C, E), v=rand(1, G, C, E),
-             slot=torch.tensor([slot], device=device, dtype=torch.int32))
+             slots=torch.randint(0, C, (3 * pos,), generator=g).index_fill(0, torch.tensor(pos), slot).to(
+                 device=device, dtype=torch.int32))
     k_ref, v_ref = t["k"].clone(), t["v"].clone()
     q_ref = kernels.norm_qkv_rope_reference(t["x"], t["norm"], 1e-5, t["w"], t["table"], t["pos"], k_ref, v_ref,
-                                            t["slot"], H)
+                                            t["slots"], H)
     return t, (q_ref, k_ref, v_ref)
 
 
-def check_rope(name: str, outs, refs, slot: Tensor) -> None:
-    """Queries and the written slot within rounding; every other slot of the caches untouched."""
-    s = slot.item()
+def check_rope(name: str, outs, refs, s: int) -> None:
+    """Queries and the written slot s within rounding; every other slot of the caches untouched."""
     for part, out, ref in zip(("queries", "keys", "values"), outs, refs):
         if part == "queries":
             assert_within_rounding(f"{name}: {part}", out, ref)
@@ -94,8 +94,8 @@ def test_fused_rope_and_cache_write_match_the_reference_on_gpu(H, G, E, K, C):
     t, refs = rope_case(H, G, E, K, C, "cuda", slot=C - 3)
     rms, layer = modules(t["w"], t["norm"])
     assert kernels.rope_fusable(t["x"], rms, layer, t["table"], t["k"])  # the Triton path really runs below
-    q = kernels.norm_qkv_rope(t["x"], rms, layer, t["table"], t["pos"], t["k"], t["v"], t["slot"], H)
-    check_rope(f"{H} heads, {G} key/value heads", (q, t["k"], t["v"]), refs, t["slot"])
+    q = kernels.norm_qkv_rope(t["x"], rms, layer, t["table"], t["pos"], t["k"], t["v"], t["slots"], H)
+    check_rope(f"{H} heads, {G} key/value heads", (q, t["k"], t["v"]), refs, C - 3)
 
 
 @needs_gpu_triton
@@ -184,9 +184,9 @@ def interpreted_checks() -> None:
         t, refs = rope_case(H, G, E, K, 12, "cpu")
         q = torch.empty(1, H, 1, E, dtype=torch.bfloat16)
         kernels._qkv_rope_kernel[((H + 2 * G) * E // 2 // block_p,)](
-            t["w"], t["x"], t["norm"], *t["table"], t["pos"], q, t["k"], t["v"], t["slot"], K, 12, 1e-5, H, G, E=E,
+            t["w"], t["x"], t["norm"], *t["table"], t["pos"], q, t["k"], t["v"], t["slots"], K, 12, 1e-5, H, G, E=E,
             BLOCK_P=block_p, BLOCK_K=64)
-        check_rope(f"{H} heads, {G} key/value heads, E {E}", (q, t["k"], t["v"]), refs, t["slot"])
+        check_rope(f"{H} heads, {G} key/value heads, E {E}", (q, t["k"], t["v"]), refs, 5)
 
 
 def interpreter_unusable() -> str:
