@@ -13,7 +13,9 @@ Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was |
 survives (the last token written to each slot); writing first would evict tokens the chunk's early queries still need.
 Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs. It runs
 SDPA with a dense (B, 1, 1, C) mask, which beat flex decoding on an H200 (BENCHMARKS.md: 8.3 vs 12.0 ms per token at
-32K, every layer full); `flex_decode` keeps flex decoding for chosen kinds.
+32K, every layer full); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
+kernels.norm_qkv_rope writes the new keys and values itself, reading two tables by position made here once: RoPE's
+cos and sin (`rope_table`) and each kind's slot (`slots`).
 
 Legend: B batch, G key/value heads, C slots, T tokens in this call, E head width.
 """
