@@ -122,7 +122,7 @@ def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
                 state["token"] = decode(model, cache, state["token"]).argmax(-1)
 
         compile_s = timed_s(lambda: steps(3), device)  # compile, record the CUDA graph, replay
-        decode_ms = median_ms(lambda: steps(new // 4), device) / (new // 4)
+        decode_ms = median_ms(lambda: steps(new // 4), device) / (new // 4)  # 3 + 3 * new // 4 <= new steps in all
     weights = sum(p.nbytes for p in model.parameters())
     if not cfg.tie_embeddings:
         weights -= model.tok_embeddings.weight.nbytes  # the embedding table is looked up (one row), not read whole
@@ -134,7 +134,8 @@ def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
 
 
 def profile_decode(model, length: int, args) -> None:
-    """The top kernels of 20 compiled decode steps (products as the first of --decode-kernels says)."""
+    """The top kernels of up to 20 compiled decode steps (products as the first of --decode-kernels says), inside the
+    cache's reserved new tokens."""
     kernels.enabled = args.decode_kernels[0] == "fused"
     cache = Cache(model.cfg, args.batch[0], length + args.new_tokens, "cuda", torch.bfloat16)
     cache.mark_static()
@@ -145,7 +146,7 @@ def profile_decode(model, length: int, args) -> None:
             token = decode(model, cache, token).argmax(-1)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
+            for _ in range(min(20, args.new_tokens - 3)):
                 token = decode(model, cache, token).argmax(-1)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
@@ -302,7 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--loss-chunk", type=int, default=4096, help="tokens whose logits exist at once in the training "
                                                                 "loss, as train.py's loss_chunk (0: all)")
     p.add_argument("--hf-lengths", help="lengths for the transformers peer (default: --lengths)")
-    p.add_argument("--new-tokens", type=int, default=128, help="decode steps reserved; a quarter of them timed")
+    p.add_argument("--new-tokens", type=int, default=128,
+                   help="decode steps reserved (at least 12): 3 compile, then 3 runs of a quarter of them are timed")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, as generate.py --chunk")
     p.add_argument("--flex-decode", default="", help="attention kinds that decode with flex decoding instead of "
                                                      "SDPA with a dense mask, e.g. full,sink_window")
@@ -334,8 +336,9 @@ def parse_args(argv=None):
         raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
     if args.loss_chunk < 0:
         raise UserError("--loss-chunk must be >= 0 (0: the whole sequence at once).")
-    if args.new_tokens < 4:
-        raise UserError("--new-tokens must be at least 4 (a quarter of them are timed).")
+    if args.new_tokens < 12:
+        raise UserError("--new-tokens must be at least 12: 3 steps compile, then 3 timed runs of a quarter of them "
+                        "decode inside the cache's reserved tokens.")
     return args
 
 

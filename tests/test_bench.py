@@ -12,7 +12,7 @@ from errors import UserError
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    args = bench.parse_args(["--preset", "tiny", "--lengths", "256,512", "--batch", "1,2", "--new-tokens", "8",
+    args = bench.parse_args(["--preset", "tiny", "--lengths", "256,512", "--batch", "1,2", "--new-tokens", "12",
                              "--train-lengths", "256", "--train-precision", "bf16,float8", "--hf-lengths", "256", "--decode-kernels", "fused,plain",
                              "--no-compile", "--device", "cpu",
                              "--json", str(out)])
@@ -73,7 +73,7 @@ def test_table_ratios_come_from_the_measurements(run):
 def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
     monkeypatch.setattr(bench, "free_bytes", lambda device: 0)
     report = bench.run(bench.parse_args(["--preset", "tiny", "--lengths", "128", "--batch", "1", "--variant",
-                                         "sink_window", "--parts", "inference", "--new-tokens", "4", "--no-compile",
+                                         "sink_window", "--parts", "inference", "--new-tokens", "12", "--no-compile",
                                          "--device", "cpu"]))
     assert all("does not fit" in r["skipped"] for r in report["inference"])
     assert "skipped: its" in bench.tables(report)
@@ -81,7 +81,7 @@ def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [(["--parts", "decode"], "Unknown parts"),
                                            (["--lengths", "lots"], "Cannot read the length"),
-                                           (["--new-tokens", "2"], "at least 4"),
+                                           (["--new-tokens", "8"], "at least 12"),
                                            (["--decode-kernels", "cublas"], "fused, plain"),
                                            (["--train-precision", "fp8"], "bf16, float8")])
 def test_bad_arguments_say_what_to_fix(argv, message):
