@@ -140,9 +140,9 @@ if triton is not None:
     def _qkv_rope_kernel(W, X, G, COS, SIN, POS, Q, KC, VC, SLOTS, K, C, eps, N_HEADS, N_KV_HEADS, E: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
         """wqkv @ rmsnorm(X) for one token at position POS, then RoPE with row POS of the tables COS, SIN (positions,
-        E); queries to Q (H, E), keys and values to slot SLOTS[POS] of the caches KC, VC (G, C, E).
-        RoPE mixes element j of a head with element j + E/2: each program takes BLOCK_P such pairs
-        of one head's rows, so the rotation happens in registers before anything is stored."""
+        E); queries to Q (H, E), keys and values to slot SLOTS[POS] of the caches KC, VC (G, C, E). RoPE mixes element
+        j of a head with element j + E/2: each program takes BLOCK_P such pairs of one head's rows, so the rotation
+        happens in registers before anything is stored."""
         dtype = X.dtype.element_ty
         HALF: tl.constexpr = E // 2
         per_head = HALF // BLOCK_P  # programs per head (of queries, keys or values)
