@@ -66,22 +66,22 @@ def linear_reference(x: Tensor, weight: Tensor, residual: Tensor | None = None) 
     return plus(F.linear(x, weight), residual)
 
 
-def rope_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE in the half-split layout (model.apply_rope), in fp32 and rounded once, as a compiled step computes it."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * cos.float() + torch.cat((-x2, x1), dim=-1) * sin.float()).to(x.dtype)
-
-
 def norm_qkv_rope_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, rope_table, pos: Tensor,
                             k_cache: Tensor, v_cache: Tensor, slots: Tensor, n_heads: int) -> Tensor:
     """One token (1, 1, D) at position pos (1,): queries (1, H, 1, E) out; its keys and values written to the caches
     (1, G, C, E) at its slot. Tables by position: rope_table, cos and sin, (positions, E) each; slots (positions,)."""
+    from model import apply_rope  # model.py imports this module
+
     E, p = k_cache.shape[-1], pos[0]
-    cos, sin = rope_table[0][p], rope_table[1][p]  # (E,)
+    cos, sin = rope_table[0][p].float(), rope_table[1][p].float()  # (E,)
+
+    def rope(t):  # in fp32, rounded once, as a compiled step computes it
+        return apply_rope(t.float(), cos, sin).to(t.dtype)
+
     q, k, v = norm_linear_reference(x, norm_weight, eps, weight).view(-1, E).split(
         [n_heads, k_cache.shape[1], v_cache.shape[1]])  # (heads, E) each
-    k_cache[0, :, slots[p]], v_cache[0, :, slots[p]] = rope_half(k, cos, sin), v
-    return rope_half(q, cos, sin).view(1, n_heads, 1, E)
+    k_cache[0, :, slots[p]], v_cache[0, :, slots[p]] = rope(k), v
+    return rope(q).view(1, n_heads, 1, E)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
