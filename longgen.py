@@ -18,22 +18,32 @@ from errors import UserError
 from masks import KINDS
 from model import Config, Transformer, build
 
-PLACEMENTS = ("middle", "top", "bottom", "interleave")
+PLACEMENTS = ("middle", "top", "bottom", "interleave", "calibrated")
 SPARSE_KINDS = tuple(k for k in KINDS if k != "full")
 
 
 def longgen_layout(n_layers: int, full_fraction: float = 1 / 3, placement: str = "middle",
-                   sparse: str = "sink_window") -> tuple[str, ...]:
+                   sparse: str = "sink_window", full_layers: list[int] | None = None) -> tuple[str, ...]:
     """Attention kind of each layer, bottom (0) to top.
 
     The sparse layers are the first and last (1 - full_fraction) / 2 of the stack, each side rounded down, so 32 layers
     give 10 + 10 sparse and 12 full: the paper's Llama-2-7B (its -62% KV figure). `top`, `bottom` and `interleave`
     place the same number of full layers at the top, at the bottom, or evenly spread (the paper's ablations).
+    `calibrated` keeps `full_layers` full: the layers calibrate.py measured to carry long-range retrieval.
     """
     if placement not in PLACEMENTS:
         raise UserError(f"Unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}.")
     if sparse not in SPARSE_KINDS:
         raise UserError(f"Unknown sparse kind {sparse!r}; choose one of: {', '.join(SPARSE_KINDS)}.")
+    if placement == "calibrated" or full_layers:
+        if placement != "calibrated":
+            raise UserError(f"full_layers are given, but placement is {placement!r}; set placement to calibrated.")
+        if not full_layers:
+            raise UserError("placement calibrated needs the layers to keep full: run calibrate.py and pass its "
+                            "full_layers (train.py calibrates by itself when full_layers is empty).")
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in full_layers):
+            raise UserError(f"full_layers={list(full_layers)} must be layer numbers from 0 to {n_layers - 1}.")
+        return tuple("full" if i in set(full_layers) else sparse for i in range(n_layers))
     if not 0 < full_fraction <= 1:
         raise UserError(f"full_fraction={full_fraction} must be in (0, 1].")
     n_side = math.floor(n_layers * (1 - full_fraction) / 2 + 1e-9)  # sparse layers below (and above) the full ones
@@ -50,17 +60,23 @@ def longgen_layout(n_layers: int, full_fraction: float = 1 / 3, placement: str =
 
 
 def convert(model_or_config: Transformer | Config, *, sparse: str = "sink_window", full_fraction: float = 1 / 3,
-            placement: str = "middle", rope_theta: float | None = None, max_seq_len: int | None = None,
-            **pattern) -> Transformer | Config:
+            placement: str = "middle", full_layers: list[int] | None = None, rope_theta: float | None = None,
+            max_seq_len: int | None = None, **pattern) -> Transformer | Config:
     """Turn a full-attention model (or its config) into the LongGen layout, optionally with a new RoPE base and context
     length for length extension. `pattern` overrides n_sink, window, block, local_blocks, stride, mask_block.
-    The weights are unchanged: the sparse layers learn to live with their pattern during training."""
+    placement="calibrated" keeps `full_layers` full (calibrate.py picks them). The weights are unchanged: the sparse
+    layers learn to live with their pattern during training."""
     allowed = {"n_sink", "window", "block", "local_blocks", "stride", "mask_block"}
     if set(pattern) - allowed:
         raise UserError(f"Unknown pattern settings {sorted(set(pattern) - allowed)}; valid ones: {sorted(allowed)}.")
     return _with_config(model_or_config, lambda cfg: replace(
-        cfg, attn=longgen_layout(cfg.n_layers, full_fraction, placement, sparse), **pattern,
+        cfg, attn=longgen_layout(cfg.n_layers, full_fraction, placement, sparse, full_layers), **pattern,
         rope_theta=rope_theta or cfg.rope_theta, max_seq_len=max_seq_len or cfg.max_seq_len))
+
+
+def n_full_layers(n_layers: int, full_fraction: float = 1 / 3) -> int:
+    """How many layers the paper's rule keeps full (12 of 32, 10 of 30): a calibrated layout keeps as many."""
+    return longgen_layout(n_layers, full_fraction).count("full")
 
 
 def full_attention(model_or_config: Transformer | Config) -> Transformer | Config:

@@ -22,7 +22,7 @@ import re
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import calibrate
 import longgen
 import tokenizer as tokenizers
 import weights
@@ -67,6 +68,16 @@ class PatternConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """placement=calibrated without full_layers: how step 0 picks the full layers (calibrate.py). The probe reads the
+    held-out documents (data.eval_fraction > 0), else the training documents; never an evaluation task."""
+    rule: str = "greedy"  # greedy (sees interactions between layers) or single (one layer at a time)
+    samples: int = 16  # probe windows
+    length: int = 0  # probe window in tokens; 0: 3x the pattern's reach + 2 spans, within the model's context
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     # the model
     checkpoint: str | None = None  # pretrained model: .gguf, HF directory or longgen checkpoint (default: SmolLM2)
@@ -77,7 +88,9 @@ class TrainConfig:
     sparse: str = "sink_window"
     pattern: PatternConfig = field(default_factory=PatternConfig)  # e.g. pattern.window=4096
     full_fraction: float = 1 / 3
-    placement: str = "middle"
+    placement: str = "middle"  # middle (the paper's), top, bottom, interleave, or calibrated (calibrate.py)
+    full_layers: list[int] = field(default_factory=list)  # calibrated: the layers kept full; empty: calibrate first
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # how step 0 calibrates
     rope_theta: float | None = None  # new RoPE base for the longer context (e.g. 10,000 -> 5,000,000); None keeps it
     seq_len: int = 32768
     doc_masking: bool = True  # each packed document attends only to itself
@@ -144,16 +157,53 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def model_config(cfg: TrainConfig, tok):
-    """The converted config, and the pretrained weights (None for a preset)."""
+def base_model(cfg: TrainConfig, tok):
+    """The pretrained config and weights (random-weight presets: None for the weights)."""
     if cfg.preset:
-        base, state_dict = preset(cfg.preset, vocab_size=tok.n_vocab), None
-    else:
-        base, state_dict = weights.read_checkpoint(cfg.checkpoint or weights.default_checkpoint())
+        return preset(cfg.preset, vocab_size=tok.n_vocab), None
+    return weights.read_checkpoint(cfg.checkpoint or weights.default_checkpoint())
+
+
+def model_config(cfg: TrainConfig, base, full_layers: list[int] | None = None):
+    """The converted config: LongGen's layout (full_layers for placement=calibrated), pattern and new RoPE base, or
+    every layer full with baseline=full."""
     new = longgen.convert(base, sparse=cfg.sparse, full_fraction=cfg.full_fraction, placement=cfg.placement,
-                          rope_theta=cfg.rope_theta, max_seq_len=max(cfg.seq_len, base.max_seq_len),
-                          **cfg.pattern.overrides())
-    return (longgen.full_attention(new) if cfg.baseline == "full" else new), state_dict
+                          full_layers=full_layers or cfg.full_layers or None, rope_theta=cfg.rope_theta,
+                          max_seq_len=max(cfg.seq_len, base.max_seq_len), **cfg.pattern.overrides())
+    return longgen.full_attention(new) if cfg.baseline == "full" else new
+
+
+def calibrated_layers(cfg: TrainConfig, base, state_dict, tok, device, out_dir: Path) -> list[int]:
+    """placement=calibrated without full_layers: the layers to keep full, measured on the pretrained model at its own
+    context and RoPE base (calibrate.py), as many as the paper's rule keeps. Every rank runs the same calibration and
+    rank 0's pick is used by all; it is written to out_dir/calibration.json (and .png), which a resumed run reads."""
+    n_full = longgen.n_full_layers(base.n_layers, cfg.full_fraction)
+    path = out_dir / "calibration.json"
+    if path.is_file():
+        cal = calibrate.read_calibration(path)
+        if (cal.sparse, cal.n_full, len(cal.layout)) != (cfg.sparse, n_full, base.n_layers):
+            raise UserError(f"{path} is a calibration of {cal.n_full} full layers of {len(cal.layout)} for "
+                            f"{cal.sparse}, but this run needs {n_full} of {base.n_layers} for {cfg.sparse}; "
+                            "delete it or use another out_dir.")
+        return cal.full_layers
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
+    full = replace(longgen.full_attention(base), **cfg.pattern.overrides())
+    model = build(full, state_dict, device=device, dtype=dtype).eval()
+    split = "eval" if cfg.data.eval_fraction > 0 else "train"
+    docs = [d for ds in load_documents(cfg.data, tok, split).values() for d in ds]
+    c = cfg.calibration
+    probe = calibrate.Probe(samples=c.samples, length=c.length, seed=c.seed)
+    cal = calibrate.calibrate(model, docs, n_full, sparse=cfg.sparse, rule=c.rule, probe=probe,
+                              progress=dist.get_rank() == 0)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    picked = [cal.full_layers]
+    dist.broadcast_object_list(picked, src=0)  # one layout for every rank, even if their GPUs rounded differently
+    if dist.get_rank() == 0:
+        calibrate.write(cal, out_dir)
+    dist.barrier()
+    return picked[0]
 
 
 def convert_float8(model, device) -> int:
@@ -315,7 +365,11 @@ def run(cfg, rank, world, device, resume, export_only):
     tok = tokenizers.load(cfg.tokenizer or cfg.checkpoint or weights.default_checkpoint())
     prefix = [tok.bos_id] if tok.add_bos else []  # documents are wrapped as prefix + text + separator
     separator = tok.encode(cfg.separator, add_bos=False) if cfg.separator else [tok.eos_id]
-    model_cfg, state_dict = model_config(cfg, tok)
+    base, state_dict = base_model(cfg, tok)
+    full_layers = None
+    if cfg.baseline == "longgen" and cfg.placement == "calibrated" and not cfg.full_layers:
+        full_layers = calibrated_layers(cfg, base, state_dict, tok, device, out_dir)
+    model_cfg = model_config(cfg, base, full_layers)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build(model_cfg, state_dict)  # fp32 master weights
     float8_layers = convert_float8(model, device) if cfg.float8 else 0

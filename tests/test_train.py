@@ -57,6 +57,21 @@ def test_two_processes_shard_the_model_and_learn(uninterrupted):
     assert setup["layout"].count("full") == 2 and setup["layout"].count("sink_window") == 4
 
 
+def test_calibrated_placement_calibrates_at_step_0_and_keeps_the_layout(tmp_path, corpus):
+    out = tmp_path / "cal"
+    records = train(out, corpus, "placement=calibrated", "calibration.samples=2", "steps=2", "save_every=0")
+    cal = json.loads((out / "calibration.json").read_text())
+    assert (out / "calibration.png").is_file() and len(cal["full_layers"]) == 2  # as many as the middle third
+    layout = tuple("full" if i in cal["full_layers"] else "sink_window" for i in range(6))
+    assert tuple(records[0]["layout"]) == layout
+    model, _ = longgen.load(out / "final")
+    assert model.cfg.attn == layout  # the trained checkpoint records it
+    given = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", ["placement=calibrated",
+                                                                          "full_layers=[0,5]"])
+    assert train_py.model_config(given, train_py.base_model(given, type("Tok", (), {"n_vocab": 512}))[0]).attn == (
+        "full", "sink_window", "sink_window", "sink_window", "sink_window", "full")
+
+
 def test_exported_model_generates(uninterrupted):
     out, _ = uninterrupted
     model, tok = longgen.load(out / "final")
@@ -99,10 +114,11 @@ def test_context_parallel_run_equals_one_process(tmp_path, corpus, doc_masking):
 
 def test_pattern_keys_reach_the_converted_model():
     cfg = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", ["pattern.window=40", "pattern.n_sink=0"])
-    model_cfg, _ = train_py.model_config(cfg, type("Tok", (), {"n_vocab": 512}))
+    tok = type("Tok", (), {"n_vocab": 512})
+    model_cfg = train_py.model_config(cfg, train_py.base_model(cfg, tok)[0])
     assert (model_cfg.window, model_cfg.n_sink) == (40, 0) and "sink_window" in model_cfg.attn
-    default, _ = train_py.model_config(load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml"),
-                                       type("Tok", (), {"n_vocab": 512}))
+    plain = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml")
+    default = train_py.model_config(plain, train_py.base_model(plain, tok)[0])
     assert default.window != 40
 
 
