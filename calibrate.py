@@ -43,7 +43,8 @@ RULES = ("greedy", "single")
 @dataclass
 class Probe:
     """The repeated-span probe: `samples` windows of `length` tokens (0: three times the pattern's reach plus two spans,
-    at most the model's context), each with a span of `span` tokens twice; the last span - cue tokens are scored."""
+    rounded up to 128 k + 1, at most the model's context), each with a span of `span` tokens twice; the last
+    span - cue tokens are scored."""
     samples: int = 16
     length: int = 0
     span: int = 32
@@ -67,6 +68,7 @@ class Calibration:
     greedy_nll: list[float] = field(default_factory=list)  # NLL after each of those conversions
     probe: dict = field(default_factory=dict)
     pattern: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)  # NLLs on windows of another seed: full, chosen, the paper's middle
     seconds: float = 0.0
 
     def to_json(self) -> str:
@@ -130,11 +132,13 @@ def probe_nll(model, windows: torch.Tensor, second: int, cue: int, layout: tuple
 
 # ------------------------------------------------------------------------------------------------ the rules
 def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink_window", rule: str = "greedy",
-              probe: Probe | None = None, progress: bool = False) -> Calibration:
+              probe: Probe | None = None, validation_seed: int | None = None,
+              progress: bool = False) -> Calibration:
     """Score the layers of `model` (every layer full, pretrained) with the repeated-span probe on `docs` (token
-    arrays of held-out text) and choose the `n_full` layers that stay full under `rule`. The model's config is left
-    as it was. Deterministic for probe.seed."""
-    from longgen import SPARSE_KINDS
+    arrays of held-out text) and choose the `n_full` layers that stay full under `rule`. With `validation_seed`, the
+    chosen layout, every layer full and the paper's middle third are also measured on windows drawn with that seed,
+    which the choice never saw. The model's config is left as it was. Deterministic for probe.seed."""
+    from longgen import SPARSE_KINDS, longgen_layout
 
     cfg, probe = model.cfg, probe or Probe()
     L = cfg.n_layers
@@ -147,7 +151,8 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
     if probe.samples < 1 or probe.batch_size < 1:
         raise UserError("The probe needs at least one sample and a batch size of at least 1.")
     back = reach(cfg, sparse)
-    length = probe.length or min(3 * back + 2 * probe.span, cfg.max_seq_len)
+    tiles = -(-(3 * back + 2 * probe.span - 1) // 128)  # the inputs (length - 1 tokens) in whole 128-token tiles
+    length = probe.length or min(128 * tiles + 1, cfg.max_seq_len)
     if length > cfg.max_seq_len:
         raise UserError(f"A calibration length of {length} exceeds the model's context of {cfg.max_seq_len}; "
                         "lower --length.")
@@ -180,12 +185,19 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
         keep = sorted(set(range(L)) - converted)
     bar.close()
     layout = tuple("full" if i in keep else sparse for i in range(L))
+    validation = {}
+    if validation_seed is not None:
+        held, at = probe_windows(docs, replace(probe, seed=validation_seed), length, back)
+        middle = longgen_layout(L, sparse=sparse)
+        measure = lambda lay: probe_nll(model, held, at, probe.cue, lay, probe.batch_size)  # noqa: E731
+        validation = {"seed": validation_seed, "nll_full": measure(full), "nll_layout": measure(layout),
+                      "nll_middle": measure(middle)}
     pattern = {k: getattr(cfg, k) for k in ("n_sink", "window")} if sparse == "sink_window" else \
         {k: getattr(cfg, k) for k in ("block", "local_blocks", "stride")}
     return Calibration(layout=layout, rule=rule, sparse=sparse, n_full=n_full, full_layers=keep, nll_full=base,
                        nll_layout=path[-1] if path else nll(layout), single=single, greedy_order=order,
                        greedy_nll=path, probe={**asdict(probe), "length": length, "depth": list(probe.depth)},
-                       pattern=pattern, seconds=time.perf_counter() - t0)
+                       pattern=pattern, validation=validation, seconds=time.perf_counter() - t0)
 
 
 def read_calibration(path: str | Path) -> Calibration:
@@ -256,6 +268,9 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=16, help="probe windows")
     p.add_argument("--length", type=int, default=0, help="probe window in tokens (0: 3x the pattern's reach + 2 spans)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--validation-seed", type=int, default=1,
+                   help="also measure the chosen layout, every layer full and the middle third on windows of this "
+                        "seed (-1: skip)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default=None, help="default: cuda if there is one, else cpu")
     p.add_argument("--out", default="runs/calibration", help="folder for calibration.json and calibration.png")
@@ -273,10 +288,14 @@ def main(argv=None) -> None:
     docs = load_documents(DataConfig(paths=args.data, eval_fraction=args.eval_fraction), tok, split)
     probe = Probe(samples=args.samples, length=args.length, seed=args.seed, batch_size=args.batch_size)
     cal = calibrate(model, [d for ds in docs.values() for d in ds], args.n_full, sparse=args.sparse, rule=args.rule,
-                    probe=probe, progress=True)
+                    probe=probe, validation_seed=None if args.validation_seed < 0 else args.validation_seed,
+                    progress=True)
     path = write(cal, args.out)
     print(f"Full layers ({cal.rule}): {cal.full_layers}; probe NLL {cal.nll_full:.3f} with every layer full, "
           f"{cal.nll_layout:.3f} with this layout; {cal.seconds:.0f} s. Written: {path} and calibration.png.")
+    if v := cal.validation:
+        print(f"Validation windows (seed {v['seed']}): NLL {v['nll_full']:.3f} every layer full, "
+              f"{v['nll_layout']:.3f} this layout, {v['nll_middle']:.3f} the middle third.")
 
 
 if __name__ == "__main__":

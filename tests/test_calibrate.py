@@ -76,6 +76,13 @@ def test_the_planted_copying_layer_is_kept_full(rule):
     assert model.cfg.attn == ("full",) * 6  # the model is left as it was
 
 
+def test_validation_measures_windows_the_choice_never_saw():
+    cal = calibrate.calibrate(copying_model(planted=0), docs(), n_full=2, probe=probe(), validation_seed=7)
+    v = cal.validation
+    assert v["seed"] == 7 and v["nll_full"] < 0.5 and v["nll_layout"] < 0.5
+    assert v["nll_middle"] > v["nll_layout"] + 2.0  # the middle third (layers 2, 3) misses the copying layer 0
+
+
 def test_planted_elsewhere_moves_the_choice():
     cal = calibrate.calibrate(copying_model(planted=5), docs(), n_full=2, rule="greedy", probe=probe())
     assert 5 in cal.full_layers and len(cal.full_layers) == 2
