@@ -81,16 +81,20 @@ def reach(cfg, sparse: str) -> int:
     return cfg.n_sink + cfg.window if sparse == "sink_window" else cfg.block * cfg.local_blocks
 
 
-def probe_windows(docs: list[np.ndarray], probe: Probe, length: int, reach_tokens: int) -> tuple[torch.Tensor, int]:
+def probe_windows(docs: list[np.ndarray], probe: Probe, length: int, reach_tokens: int,
+                  n_sink: int = 0) -> tuple[torch.Tensor, int]:
     """(samples, length) token windows with a repeated span, and the index where the second copy starts. The first
-    copy starts between `reach_tokens` (past the sinks) and the last position that keeps every token of it more than
-    `reach_tokens` before every scored query."""
+    copy ends more than `reach_tokens` before the second starts, so no sparse layer's window or local blocks reach it
+    from a scored query. It starts at least `reach_tokens` into the window (as far from the start as from the end)
+    when the length allows that, else just past the `n_sink` sink tokens (a model whose context is short for its
+    pattern, e.g. Llama-2's 4K against sink 64 + window 2,048)."""
     n, last_start = probe.span, length - 2 * probe.span - reach_tokens
     if probe.span < 2 or not 0 < probe.cue < probe.span:
         raise UserError(f"The probe needs span >= 2 and 0 < cue < span (span={probe.span}, cue={probe.cue}).")
-    if last_start <= reach_tokens:
+    if last_start < n_sink:
         raise UserError(f"A calibration length of {length} tokens is too short for a pattern that reaches "
-                        f"{reach_tokens} tokens back; use at least {2 * reach_tokens + 2 * n + 1} (--length).")
+                        f"{reach_tokens} tokens back; use at least {n_sink + reach_tokens + 2 * n} (--length).")
+    lowest = reach_tokens if last_start > reach_tokens else n_sink
     stream = np.concatenate([d for d in docs if len(d)]) if docs else np.zeros(0, dtype=np.int64)
     if len(stream) < 2 * length:
         raise UserError(f"The calibration data holds {len(stream)} tokens; it needs at least {2 * length} "
@@ -104,7 +108,7 @@ def probe_windows(docs: list[np.ndarray], probe: Probe, length: int, reach_token
         while abs(src - at) < length:  # the span comes from text outside this window
             src = rng.integers(0, len(stream) - n + 1)
         span = stream[src:src + n]
-        first = reach_tokens + round(rng.uniform(*probe.depth) * (last_start - reach_tokens))
+        first = lowest + round(rng.uniform(*probe.depth) * (last_start - lowest))
         window[first:first + n] = span
         window[length - n:] = span
         windows[i] = window
@@ -150,13 +154,13 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
         raise UserError(f"n_full={n_full} must be a whole number of layers from 1 to {L}.")
     if probe.samples < 1 or probe.batch_size < 1:
         raise UserError("The probe needs at least one sample and a batch size of at least 1.")
-    back = reach(cfg, sparse)
+    back, n_sink = reach(cfg, sparse), cfg.n_sink if sparse == "sink_window" else 0
     tiles = -(-(3 * back + 2 * probe.span - 1) // 128)  # the inputs (length - 1 tokens) in whole 128-token tiles
     length = probe.length or min(128 * tiles + 1, cfg.max_seq_len)
     if length > cfg.max_seq_len:
         raise UserError(f"A calibration length of {length} exceeds the model's context of {cfg.max_seq_len}; "
                         "lower --length.")
-    windows, second = probe_windows(docs, probe, length, back)
+    windows, second = probe_windows(docs, probe, length, back, n_sink)
     t0 = time.perf_counter()
     nll = lambda layout: probe_nll(model, windows, second, probe.cue, layout, probe.batch_size)  # noqa: E731
     full = ("full",) * L
@@ -187,7 +191,7 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
     layout = tuple("full" if i in keep else sparse for i in range(L))
     validation = {}
     if validation_seed is not None:
-        held, at = probe_windows(docs, replace(probe, seed=validation_seed), length, back)
+        held, at = probe_windows(docs, replace(probe, seed=validation_seed), length, back, n_sink)
         middle = longgen_layout(L, sparse=sparse)
         measure = lambda lay: probe_nll(model, held, at, probe.cue, lay, probe.batch_size)  # noqa: E731
         validation = {"seed": validation_seed, "nll_full": measure(full), "nll_layout": measure(layout),

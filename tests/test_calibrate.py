@@ -108,12 +108,23 @@ def test_deterministic_and_written(tmp_path):
     (dict(n_full=0), "must be a whole number of layers from 1 to 6"),
     (dict(n_full=1, rule="best"), "Unknown calibration rule"),
     (dict(n_full=1, sparse="dense"), "Unknown sparse kind"),
-    (dict(n_full=1, probe=probe(length=60)), "too short for a pattern that reaches 28 tokens"),
+    (dict(n_full=1, probe=probe(length=47)), "too short for a pattern that reaches 28 tokens back; use at least 48"),
     (dict(n_full=1, probe=probe(length=2000)), "exceeds the model's context of 1024"),
 ])
 def test_bad_values_are_one_sentence(kw, message):
     with pytest.raises(UserError, match=message):
         calibrate.calibrate(copying_model(), docs(), **kw)
+
+
+def test_a_short_context_puts_the_first_copy_just_past_the_sinks():
+    """Llama-2 (4K) against sink 64 + window 2,048: no room for the first copy a window away from both ends."""
+    windows, second = calibrate.probe_windows(docs(n=2), calibrate.Probe(samples=20, span=8, cue=2), 80, 28, n_sink=4)
+    assert second == 72
+    for w in windows.numpy():
+        starts = [i for i in range(4, 80 - 8 - 28 - 8 + 1) if (w[i:i + 8] == w[72:]).all()]
+        assert starts and 4 <= starts[0] <= 36  # after the sinks, and ending before the second copy's window
+    with pytest.raises(UserError, match="use at least 48"):
+        calibrate.probe_windows(docs(n=2), calibrate.Probe(span=8, cue=2), 47, 28, n_sink=4)
 
 
 def test_too_little_text_is_one_sentence():
