@@ -85,7 +85,11 @@ def lock_out_dir(out_dir: Path):
     the process ends (kill -9 and out-of-memory kills included), so a dead run never leaves it stuck, and no pid has to
     be checked for liveness (which cannot see processes on other hosts sharing the filesystem, and is fooled by a
     reused pid). The file is never deleted: deleting a lock file races with a process about to lock it."""
-    f = open(out_dir / LOCK_FILE, "a+")
+    try:
+        f = open(out_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"Cannot write {out_dir / LOCK_FILE} ({e.strerror}); set out_dir to a directory you can "
+                        "write.") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -162,6 +166,8 @@ def inspect(directory: Path) -> str | None:
     meta, problem = _read_json(directory / "train.json", ("step", "scheduler", "world_size"))
     if problem:
         return problem
+    if not (isinstance(meta["step"], int) and isinstance(meta["world_size"], int) and meta["world_size"] >= 1):
+        return "its train.json is damaged (step or world_size is not a number)"
     for rank in range(meta["world_size"]):
         if problem := _read_json(directory / f"rank{rank}.json", ("data", "rng"))[1]:
             return problem
@@ -340,7 +346,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, strea
             shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise UserError(f"The disk holding {out_dir} is full: step_{step} could not be saved (its partial files "
-                            f"are removed), and {_last_complete(out_dir)}.") from None
+                            f"are removed), and {last_complete(out_dir)}.") from None
         raise
     if rank == 0:
         weights.replace_dir(tmp, target)  # the checkpoint exists only once it is whole
@@ -348,7 +354,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, strea
     dist.barrier()
 
 
-def _last_complete(out_dir: Path) -> str:
+def last_complete(out_dir: Path) -> str:
+    """The end of the full-disk sentence: which checkpoint is intact, and what to do."""
     found = checkpoint_dirs(out_dir)
     if found:
         return f"{found[-1].name}, the last complete checkpoint, is intact: free some space and continue with --resume"

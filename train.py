@@ -15,6 +15,7 @@ that `generate.py --checkpoint` loads. A run locks its out_dir: a second one on 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -264,6 +265,11 @@ def train(cfg: TrainConfig, resume: bool = False, export_only: bool = False, fal
     rank, world, device = init_distributed()
     try:
         run(cfg, rank, world, device, resume or fall_back, export_only, fall_back)
+    except OSError as e:  # a full disk elsewhere than in a save (metrics, the token cache)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"The disk is full: {e.filename or 'a file'} could not be written, and "
+                        f"{checkpoint.last_complete(Path(cfg.out_dir))}.") from None
     finally:
         dist.destroy_process_group()
 
