@@ -208,8 +208,9 @@ _METADATA_CLASSES = {("torch.distributed.checkpoint.metadata", name) for name in
     "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "TensorProperties",
     "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | {
+    (module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "PurePosixPath",
+                                                                            "WindowsPath", "PureWindowsPath")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -287,13 +288,15 @@ def load_state(state: dict, directory: Path) -> None:
     except (Exception, CheckpointException) as e:
         causes = _causes(e)
         if reader.damage:
-            raise UserError(f"Checkpoint {directory} is damaged ({reader.damage}); resume from another one.") from None
+            raise UserError(f"Checkpoint {directory} is damaged ({reader.damage}); move it away to resume from the "
+                            "one before it.") from None
         if any(isinstance(c, pickle.UnpicklingError) for c in causes):
             raise UserError(f"Checkpoint {directory} holds a value that is not plain data (not unpickled: it may be "
-                            "planted); resume from another checkpoint.") from None
-        last = str(causes[-1]).strip().splitlines() or [type(causes[-1]).__name__]
-        raise UserError(f"Checkpoint {directory} does not load into this model ({last[-1][:300]}); resume with the "
-                        "config it was saved with (its train.json records it).") from None
+                            "planted); move it away to resume from the one before it.") from None
+        root = next((c for c in causes if not isinstance(c, CheckpointException)), e)
+        text = (str(root).strip().splitlines() or [type(root).__name__])[-1][:300]
+        raise UserError(f"Checkpoint {directory} does not load into this model ({text}); resume with the config it "
+                        "was saved with (its train.json records it).") from None
 
 
 def _causes(error: BaseException) -> list[BaseException]:

@@ -193,6 +193,13 @@ def test_plain_values_in_shards_still_load(tmp_path):
     assert state == {"group": value}
 
 
+def test_a_checkpoint_of_another_model_is_one_sentence(tmp_path):
+    dcp.save({"model": torch.nn.Linear(8, 8).state_dict()}, checkpoint_id=tmp_path / "ckpt")
+    with pytest.raises(UserError, match=r"does not load into this model \(Size mismatch between saved "
+                                        r"torch.Size\(\[8, 8\]\) and current: torch.Size\(\[16, 8\]\)"):
+        checkpoint.load_state({"model": torch.nn.Linear(8, 16).state_dict()}, tmp_path / "ckpt")
+
+
 def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path):
     first = checkpoint.lock_out_dir(tmp_path)
     with pytest.raises(UserError, match=f"is in use by another train.py run \\(pid {os.getpid()} on "):
