@@ -84,7 +84,8 @@ def test_a_save_is_whole_and_loads_back(tmp_path, group):
     assert stream.position == 3
 
 
-@pytest.mark.parametrize("keep, left", [(1, ["step_3"]), (2, ["step_2", "step_3"]), (0, ["step_1", "step_2", "step_3"])])
+@pytest.mark.parametrize("keep, left", [(1, ["step_3"]), (2, ["step_2", "step_3"]),
+                                        (0, ["step_1", "step_2", "step_3"])])  # 0 keeps all
 def test_keep_checkpoints(tmp_path, group, keep, left):
     for step in (1, 2, 3):
         save(tmp_path, step, keep)
