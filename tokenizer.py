@@ -308,6 +308,9 @@ def from_gguf(path_or_reader: str | Path | gguf.GGUFReader) -> BaseTokenizer:
         except (OSError, ValueError) as e:
             raise UserError(f"Could not read {source} as GGUF ({e}); re-download or re-convert it.") from None
     get = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
+    if get("tokenizer.ggml.model") is None or get("tokenizer.ggml.tokens") is None:
+        raise UserError(f"{source} holds no tokenizer (its tokenizer.ggml.model and tokenizer.ggml.tokens keys are "
+                        "missing); convert the model again with llama.cpp's convert_hf_to_gguf.py, which writes them.")
     if (model := get("tokenizer.ggml.model")) == "llama":  # SentencePiece BPE (Llama 2)
         tokens, scores = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.scores")
         if scores is None:

@@ -7,19 +7,18 @@ same model with every layer full (the comparison).
 
 Steps: load the checkpoint, convert it (layout, sparse pattern, new RoPE base), wrap every block (activation
 checkpointing -> compile -> fully_shard), then train with AdamW, warm-up and a constant or cosine schedule, gradient
-accumulation and clipping. Checkpoints (torch.distributed.checkpoint) hold the model, optimizer, schedule, data position
-and RNG; one is written to `step_N.tmp` and renamed when complete, so a crash mid-save leaves the last one intact, and
-`--resume` continues bit for bit. At the end the model is exported as one longgen checkpoint that `generate.py
---checkpoint` loads.
+accumulation and clipping. Checkpoints (torch.distributed.checkpoint, checkpoint.py) hold the model, optimizer,
+schedule, data position and RNG; one is written to `step_N.tmp` and renamed when complete, so a crash mid-save leaves
+the last one intact, and `--resume` continues bit for bit. At the end the model is exported as one longgen checkpoint
+that `generate.py --checkpoint` loads. A run locks its out_dir: a second one on the same out_dir is refused.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
-import re
-import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,15 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import calibrate
+import checkpoint
 import longgen
 import tokenizer as tokenizers
 import weights
@@ -117,7 +114,7 @@ class TrainConfig:
     # bookkeeping
     out_dir: str = "runs/longgen"
     save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest complete checkpoints kept; 0: all
     eval_every: int = 0  # 0: never (needs data.eval_fraction > 0)
     eval_batches: int = 4
     log_every: int = 1
@@ -133,7 +130,12 @@ class TrainConfig:
                    "seq_len must be a multiple of 2 * cp_degree (each rank holds two equal chunks)"),
                   (self.loss_chunk >= 0, "loss_chunk must be >= 0 (0: the whole sequence at once)"),
                   (self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0, "lr must be > 0, warmup_steps and "
-                                                                                   "grad_clip >= 0")]
+                                                                                   "grad_clip >= 0"),
+                  (min(self.log_every, self.eval_batches) >= 1, "log_every and eval_batches must be at least 1"),
+                  (min(self.save_every, self.eval_every, self.keep_checkpoints) >= 0,
+                   "save_every, eval_every and keep_checkpoints must be 0 or more (keep_checkpoints=0 keeps all)"),
+                  (not self.eval_every or self.data.eval_fraction > 0,
+                   "eval_every needs held-out documents: set data.eval_fraction above 0 (e.g. 0.01), or eval_every=0")]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Bad config: {message}.")
@@ -161,7 +163,9 @@ def base_model(cfg: TrainConfig, tok):
     """The pretrained config and weights (random-weight presets: None for the weights)."""
     if cfg.preset:
         return preset(cfg.preset, vocab_size=tok.n_vocab), None
-    return weights.read_checkpoint(cfg.checkpoint or weights.default_checkpoint())
+    base, state_dict = weights.read_checkpoint(source := cfg.checkpoint or weights.default_checkpoint())
+    longgen.check_vocab(base, tok, source)
+    return base, state_dict
 
 
 def model_config(cfg: TrainConfig, base, full_layers: list[int] | None = None):
@@ -286,81 +290,46 @@ def step_flops(model_cfg, n_params: int, doc_ids, doc_masking: bool) -> float:
     return 6 * n_params * doc_ids[:, :-1].numel() + attention
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. `step_N.tmp` (a save that did not finish) and directories without their
-    metadata are not checkpoints."""
-    dirs = [d for d in out_dir.glob("step_*") if re.fullmatch(r"step_\d+", d.name)
-            and (d / ".metadata").is_file() and (d / "train.json").is_file()]
-    return sorted(dirs, key=lambda d: int(d.name[5:]))
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, stream, cfg: TrainConfig) -> None:
-    rank = dist.get_rank()
-    final, tmp = out_dir / f"step_{step}", out_dir / f"step_{step}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-             checkpoint_id=tmp)
-    (tmp / f"rank{rank}.json").write_text(json.dumps({"data": stream.state_dict(),
-                                                      "rng": torch.get_rng_state().tolist()}))
-    dist.barrier()
-    if rank == 0:
-        (tmp / "train.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
-                                                    "world_size": dist.get_world_size(), "config": asdict(cfg)}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the checkpoint exists only once it is whole
-        for old in checkpoint_dirs(out_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    dist.barrier()
-
-
-def load_checkpoint(directory: Path, model, optimizer, scheduler, stream) -> int:
-    meta = json.loads((directory / "train.json").read_text())
-    if meta["world_size"] != dist.get_world_size():
-        raise UserError(f"{directory} was written by {meta['world_size']} processes; resume it with "
-                        f"--nproc_per_node={meta['world_size']}.")
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=directory)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    scheduler.load_state_dict(meta["scheduler"])
-    mine = json.loads((directory / f"rank{dist.get_rank()}.json").read_text())
-    stream.load_state_dict(mine["data"])
-    torch.set_rng_state(torch.tensor(mine["rng"], dtype=torch.uint8))
-    return meta["step"]
-
-
+# ------------------------------------------------------------------------------------------------ export
 def export(out_dir: Path, model, model_cfg, tok, step: int, cfg: TrainConfig) -> Path:
     """Gather the full weights on rank 0 and write one longgen checkpoint (layout included) for generate.py."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    target = out_dir / "final"
+    target, full = out_dir / "final", None
     if dist.get_rank() == 0:
-        weights.save_checkpoint(target, model_cfg, state, tok, extra={"trained_steps": step, "recipe": asdict(cfg)})
+        try:
+            weights.save_checkpoint(target, model_cfg, state, tok, extra={"trained_steps": step, "recipe": asdict(cfg)})
+        except Exception as e:
+            if not checkpoint.disk_full(e, out_dir):
+                raise
+            full = UserError(f"The disk holding {out_dir} is full: the model could not be exported to {target} (the "
+                             f"previous export, if any, is intact), and step_{step} is intact: free some space and run "
+                             "train.py --export with the same config.")
     dist.barrier()
+    if full:
+        raise full
     return target
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def train(cfg: TrainConfig, resume: bool = False, export_only: bool = False) -> None:
+def train(cfg: TrainConfig, resume: bool = False, export_only: bool = False, fall_back: bool = False) -> None:
+    """`fall_back`: if the newest checkpoint is damaged, continue from the newest whole one (implies resume)."""
     rank, world, device = init_distributed()
     try:
-        run(cfg, rank, world, device, resume, export_only)
+        run(cfg, rank, world, device, resume or fall_back, export_only, fall_back)
+    except OSError as e:  # a full disk elsewhere than in a save (metrics, the token cache)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"The disk is full: {e.filename or 'a file'} could not be written, and "
+                        f"{checkpoint.last_complete(Path(cfg.out_dir))}.") from None
     finally:
         dist.destroy_process_group()
 
 
-def run(cfg, rank, world, device, resume, export_only):
+def run(cfg, rank, world, device, resume, export_only, fall_back=False):
     if world % cfg.cp_degree:
         raise UserError(f"cp_degree={cfg.cp_degree} must divide the number of processes ({world}); change one.")
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    found = checkpoint_dirs(out_dir)
-    if (resume or export_only) and not found:
-        raise UserError(f"No complete checkpoint in {out_dir} to resume from; run without --resume.")
-    if found and not (resume or export_only):
-        raise UserError(f"{out_dir} already holds checkpoints; pass --resume to continue, or set out_dir elsewhere.")
+    _lock, latest = checkpoint.open_run(out_dir, resume or export_only, fall_back)  # held until run returns
     log = (lambda record: None) if rank else _jsonl(out_dir / "metrics.jsonl")
     tok = tokenizers.load(cfg.tokenizer or cfg.checkpoint or weights.default_checkpoint())
     prefix = [tok.bos_id] if tok.add_bos else []  # documents are wrapped as prefix + text + separator
@@ -385,13 +354,17 @@ def run(cfg, rank, world, device, resume, export_only):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     if rank == 0:  # rank 0 tokenises and caches the corpus; the others then read the cache
         docs = load_documents(cfg.data, tok, "train")
+        eval_docs = load_documents(cfg.data, tok, "eval") if cfg.eval_every else None  # checked before any step
     dist.barrier()
     if rank != 0:
         docs = load_documents(cfg.data, tok, "train")
+        eval_docs = load_documents(cfg.data, tok, "eval") if cfg.eval_every else None
     stream = PackedStream(docs, cfg.seq_len, seed=cfg.seed, upsample_long=cfg.data.upsample_long,
                           long_doc_tokens=cfg.data.long_doc_tokens, prefix=prefix, suffix=separator, rank=dp_rank,
                           world_size=dp_world)
-    step = load_checkpoint(found[-1], model, optimizer, scheduler, stream) if found else 0
+    step = start = checkpoint.load_checkpoint(latest, model, optimizer, scheduler, stream) if latest else 0
+    if rank == 0:
+        _drop_records_after(out_dir / "metrics.jsonl", step)  # one record per step: these steps run again
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     log(dict(event="setup", world_size=world, device=str(device), params=total, local_params=local,
@@ -435,12 +408,13 @@ def run(cfg, rank, world, device, resume, export_only):
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0:
-            loss_eval = evaluate(model, cfg, tok, prefix, separator, dp_rank, dp_world, device, cp_group)
+            loss_eval = evaluate(model, cfg, eval_docs, prefix, separator, dp_rank, dp_world, device, cp_group)
             log(dict(step=step, eval_loss=loss_eval))
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(out_dir, step, model, optimizer, scheduler, stream, cfg)
+            checkpoint.save_checkpoint(out_dir, step, model, optimizer, scheduler, stream, cfg)
     bar.close()
-    save_checkpoint(out_dir, step, model, optimizer, scheduler, stream, cfg)
+    if step > start:  # a finished run resumed has its checkpoint already: never replace it with itself
+        checkpoint.save_checkpoint(out_dir, step, model, optimizer, scheduler, stream, cfg)
     target = export(out_dir, model, model_cfg, tok, step, cfg)
     if rank == 0:
         print(f"Trained {step} steps; checkpoint {out_dir}/step_{step}, model {target} "
@@ -448,10 +422,10 @@ def run(cfg, rank, world, device, resume, export_only):
 
 
 @torch.no_grad()
-def evaluate(model, cfg: TrainConfig, tok, prefix, separator, rank: int, world: int, device, cp_group=None) -> float:
+def evaluate(model, cfg: TrainConfig, docs, prefix, separator, rank: int, world: int, device, cp_group=None) -> float:
     """Mean loss on the same held-out windows every time."""
-    stream = PackedStream(load_documents(cfg.data, tok, "eval"), cfg.seq_len, seed=cfg.seed, prefix=prefix,
-                          suffix=separator, rank=rank, world_size=world)
+    stream = PackedStream(docs, cfg.seq_len, seed=cfg.seed, prefix=prefix, suffix=separator, rank=rank,
+                          world_size=world)
     model.eval()
     total = torch.zeros((), device=device)
     for _ in range(cfg.eval_batches):
@@ -469,6 +443,29 @@ def _jsonl(path: Path):
     return log
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep metrics.jsonl at one record per step: a run that starts at `step` (0, or the checkpoint it resumes)
+    runs the steps after it again, so their earlier records go (rewritten atomically). Its setup record, whose
+    `resumed_at` is `step`, marks the restart."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line.rstrip("\n") + "\n" for line in lines if _step_of(line) <= step]
+    if kept != lines:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    """A record's step (0 for the setup records); infinite for a line a killed run left half-written."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    return record.get("step", 0) if isinstance(record, dict) else math.inf
+
+
 def _progress(total: int, done: int, rank: int):
     from tqdm import tqdm
 
@@ -481,11 +478,14 @@ def main(argv=None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value settings that override the file, e.g. lr=1e-5 "
                                                 "data.paths=[data/corpus/books]")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in out_dir")
+    p.add_argument("--resume-from-last-good", action="store_true",
+                   help="as --resume, but if the newest checkpoint is damaged, continue from the newest whole one (the "
+                        "damaged ones are renamed step_N.damaged)")
     p.add_argument("--baseline", choices=("longgen", "full"), help="shorthand for baseline=...")
     p.add_argument("--export", action="store_true", help="only export the last checkpoint as a longgen model")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"baseline={args.baseline}"] if args.baseline else [])
-    train(load_config(TrainConfig, args.config, overrides), args.resume, args.export)
+    train(load_config(TrainConfig, args.config, overrides), args.resume, args.export, args.resume_from_last_good)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def download_wheel(spec: str, sha256: str, into: Path, otherwise: str = "") -> P
 # ------------------------------------------------------------------------------------------------ reading
 def read_checkpoint(path) -> tuple[Config, dict[str, torch.Tensor]]:
     """Config and fp32/bf16 state_dict from a .gguf file, a Hugging Face Llama directory, or one of ours."""
-    path = Path(path)
+    path = resolve(path)
     if not path.exists():
         raise UserError(f"Checkpoint {path} does not exist; pass the path of a .gguf file or a checkpoint directory.")
     if path.is_file():
@@ -113,6 +113,36 @@ def fuse(state_dict: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.
     return state_dict
 
 
+def weight_shapes(cfg: Config, fused: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every weight a model of this config loads and its shape, fused (model.py's names) or per projection (what the
+    GGUF and Hugging Face readers have before `fuse`)."""
+    dim, q, kv, ffn = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, dim), "norm.weight": (dim,)}
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, dim)
+    layer = {"attention.wqkv": (q + 2 * kv, dim), "feed_forward.w13": (2 * ffn, dim)} if fused else {
+        "attention.wq": (q, dim), "attention.wk": (kv, dim), "attention.wv": (kv, dim), "feed_forward.w1": (ffn, dim),
+        "feed_forward.w3": (ffn, dim)}
+    layer |= {"attention.wo": (dim, q), "feed_forward.w2": (dim, ffn), "attention_norm": (dim,), "ffn_norm": (dim,)}
+    for i in range(cfg.n_layers):
+        shapes |= {f"layers.{i}.{name}.weight": shape for name, shape in layer.items()}
+    return shapes
+
+
+def check_weights(cfg: Config, state_dict: dict[str, torch.Tensor], source, fused: bool = True,
+                  name_of=lambda name: name) -> None:
+    """A UserError naming the first weight that is missing or has a shape the config does not give it (`name_of`:
+    our name -> the file's own, for the message)."""
+    for name, shape in weight_shapes(cfg, fused).items():
+        if name not in state_dict:
+            raise UserError(f"{source} lacks the weight {name_of(name)}; the checkpoint is incomplete: download or "
+                            "export it again.")
+        if tuple(state_dict[name].shape) != shape:
+            raise UserError(f"{source} holds {name_of(name)} of shape {tuple(state_dict[name].shape)}, but its config "
+                            f"makes it {shape}; the weights and the config do not belong together: use the config "
+                            "that came with these weights.")
+
+
 def open_gguf(path) -> GGUFReader:
     """Parse a GGUF file's header (about 2 s for SmolLM2's 49K-token vocabulary: share the reader)."""
     try:
@@ -131,19 +161,31 @@ def read_gguf(path_or_reader) -> tuple[Config, dict[str, torch.Tensor]]:
     if meta.get("general.architecture") != "llama":
         raise UserError(f"{path} holds a {meta.get('general.architecture')!r} model; only Llama GGUF files are "
                         "supported.")
-    names = {t.name for t in reader.tensors}
+
+    def need(key):
+        if key not in meta:
+            raise UserError(f"{path} lacks the GGUF key {key}; convert the model again with llama.cpp's "
+                            "convert_hf_to_gguf.py.")
+        return meta[key]
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    if "token_embd.weight" not in shapes:
+        raise UserError(f"{path} lacks the tensor token_embd.weight; the file is incomplete: download it again.")
     cfg = Config(
-        vocab_size=meta.get("llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
-        dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"],
-        n_heads=meta["llama.attention.head_count"], n_kv_heads=meta.get("llama.attention.head_count_kv", 0),
-        ffn_dim=meta["llama.feed_forward_length"], norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
-        rope_theta=meta.get("llama.rope.freq_base", 10000.0), max_seq_len=meta["llama.context_length"],
-        tie_embeddings="output.weight" not in names,
+        vocab_size=meta.get("llama.vocab_size") or shapes["token_embd.weight"][0],  # the tokenizer keys may be absent
+        dim=need("llama.embedding_length"), n_layers=need("llama.block_count"),
+        n_heads=need("llama.attention.head_count"), n_kv_heads=meta.get("llama.attention.head_count_kv", 0),
+        ffn_dim=need("llama.feed_forward_length"), norm_eps=need("llama.attention.layer_norm_rms_epsilon"),
+        rope_theta=meta.get("llama.rope.freq_base", 10000.0), max_seq_len=need("llama.context_length"),
+        tie_embeddings="output.weight" not in shapes,
         rope_scaling=_gguf_rope_scaling(meta))
     state_dict = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # llama3 scaling factors, derived from the metadata instead
             continue
+        part, _, rest = t.name.partition(".")
+        kind = rest.split(".")[1] if part == "blk" and rest.count(".") >= 2 else None
+        if kind not in GGUF_NAMES and part not in ("token_embd", "output_norm", "output"):
+            raise UserError(f"{path} holds the tensor {t.name}, which is no part of a Llama; use a Llama GGUF file.")
         w = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type)).reshape(
             tuple(int(n) for n in reversed(t.shape))).astype(np.float32))
         part, _, rest = t.name.partition(".")
@@ -157,6 +199,7 @@ def read_gguf(path_or_reader) -> tuple[Config, dict[str, torch.Tensor]]:
         else:
             name = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}[part] + ".weight"
         state_dict[name] = w
+    check_weights(cfg, state_dict, path, fused=False)
     return cfg, fuse(state_dict, cfg.n_layers)
 
 
@@ -185,6 +228,12 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
 def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     directory = Path(directory)
     hf = _read_json(directory / "config.json")
+
+    def need(key):
+        if key not in hf:
+            raise UserError(f"{directory / 'config.json'} lacks {key!r}; restore the config.json that came with "
+                            "these weights.")
+        return hf[key]
     if hf.get("model_type") not in ("llama", "mistral") or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise UserError(f"{directory} holds a {hf.get('model_type')!r} model; only Llama-style checkpoints load.")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -196,9 +245,9 @@ def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     scaling = None if kind == "default" else RopeScaling(
         kind, float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)),
         float(rope.get("high_freq_factor", 4.0)), int(rope.get("original_max_position_embeddings", 8192)))
-    cfg = Config(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                 n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or 0,
-                 ffn_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta,
+    cfg = Config(vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+                 n_heads=need("num_attention_heads"), n_kv_heads=hf.get("num_key_value_heads") or 0,
+                 ffn_dim=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta,
                  rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 4096),
                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     state_dict = {}
@@ -208,6 +257,7 @@ def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     state_dict = {k: v for k, v in state_dict.items() if k is not None}
     if cfg.tie_embeddings:
         state_dict.pop("output.weight", None)
+    check_weights(cfg, state_dict, directory, fused=False, name_of=_ours_to_hf)
     return cfg, fuse(state_dict, cfg.n_layers)
 
 
@@ -218,6 +268,16 @@ def _hf_to_ours(name: str) -> str | None:
         return f"layers.{layer}.{HF_NAMES[module]}.weight" if module in HF_NAMES else None  # rotary buffers etc.
     return {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
             "lm_head.weight": "output.weight"}.get(name)
+
+
+def _ours_to_hf(name: str) -> str:
+    """A weight's Hugging Face name (for messages)."""
+    if name.startswith("layers."):
+        _, layer, rest = name.split(".", 2)
+        module = {v: k for k, v in HF_NAMES.items()}[rest.rsplit(".", 1)[0]]
+        return f"model.layers.{layer}.{module}.weight"
+    return {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}[name]
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -243,7 +303,12 @@ def read_longgen(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     if meta.get("format") != FORMAT_VERSION:
         raise UserError(f"{directory} is longgen checkpoint format {meta.get('format')}, this code reads "
                         f"{FORMAT_VERSION}; update longgen.")
-    return config_from_dict(meta["config"]), _load_safetensors(directory / "model.safetensors")
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"{directory / 'longgen.json'} lacks the model's config; the checkpoint is damaged: export "
+                        "it again (train.py --export).")
+    cfg, state_dict = config_from_dict(meta["config"]), _load_safetensors(directory / "model.safetensors")
+    check_weights(cfg, state_dict, directory / "model.safetensors")
+    return cfg, state_dict
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -268,10 +333,12 @@ def config_from_dict(d: dict) -> Config:
 
 def save_checkpoint(directory, cfg: Config, state_dict: dict[str, torch.Tensor], tokenizer=None,
                     extra: dict | None = None) -> None:
-    """Write a checkpoint atomically: into a temporary sibling directory, renamed into place at the end, so an
-    interrupted save never leaves a half-written checkpoint (an existing one at `directory` is replaced)."""
+    """Write a checkpoint atomically: into a temporary sibling directory, put in place by `replace_dir` at the end,
+    so an interrupted save never leaves a half-written checkpoint, and `directory` (or, for an instant, its previous
+    version) is always a whole one. What an earlier, killed save left behind is cleaned up first."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -282,16 +349,48 @@ def save_checkpoint(directory, cfg: Config, state_dict: dict[str, torch.Tensor],
             tokenizer.save(tmp)
         meta = {"format": FORMAT_VERSION, "config": config_to_dict(cfg), **(extra or {})}
         (tmp / "longgen.json").write_text(json.dumps(meta, indent=2))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
+        replace_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ replacing a directory
+def _previous(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def replace_dir(new: Path, directory: Path) -> None:
+    """Put the complete directory `new` at `directory` (same filesystem), replacing what is there: the old one is
+    renamed to `.NAME.old`, the new one renamed into place, then the old one removed. A crash between the two renames
+    leaves only `.NAME.old`: `resolve` reads it in the meantime, and `clean_leftovers` puts it back."""
+    if directory.exists():
+        old = _previous(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(new, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, directory)
+
+
+def resolve(path) -> Path:
+    """`path`, or its previous version `.NAME.old` where a save killed mid-replacement left only that."""
+    path = Path(path)
+    return _previous(path) if not path.exists() and _previous(path).is_dir() else path
+
+
+def clean_leftovers(directory: Path) -> None:
+    """Undo what a killed `save_checkpoint` left next to `directory`: put `.NAME.old` back if `directory` is gone
+    (else remove it), and remove its half-written temporary directories `.NAME.*`."""
+    old = _previous(directory)
+    if old.is_dir():
+        if directory.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, directory)
+    for tmp in directory.parent.glob(f".{directory.name}.*"):
+        if tmp.is_dir() and tmp != old:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_json(path: Path) -> dict:

@@ -37,3 +37,13 @@ def test_missing_or_foreign_files_are_named(tmp_path):
     (tmp_path / "x.jsonl").write_text("not json\n")
     with pytest.raises(UserError, match="line 1 is not JSON"):
         plot_runs.read_metrics(str(tmp_path / "x.jsonl"))
+
+
+def test_a_restart_marks_where_the_history_continues():
+    """A run killed after step 4 and resumed from step_2 (say, its newest whole checkpoint): steps 3 and 4 of the
+    first attempt are not the run's history, even where the second attempt has not reached them yet."""
+    records = [dict(event="setup", resumed_at=0), dict(step=1, loss=3.0), dict(step=2, loss=2.8),
+               dict(step=3, loss=2.6), dict(step=4, loss=2.4), dict(step=4, eval_loss=2.5),
+               dict(event="setup", resumed_at=2), dict(step=3, loss=2.7)]
+    assert [(r["step"], r["loss"]) for r in plot_runs.by_step(records, "loss")] == [(1, 3.0), (2, 2.8), (3, 2.7)]
+    assert plot_runs.by_step(records, "eval_loss") == []

@@ -1,14 +1,21 @@
 """train.py on CPUs: two processes (gloo) of the tiny config on a small corpus."""
+import fcntl
 import json
+import os
+import pickle
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+import checkpoint
 import longgen
 import train as train_py
 from config import load_config
 from conftest import ROOT
+from errors import UserError
 
 WORDS = "the long context of a story unfolds over many chapters and every chapter remembers the first one".split()
 
@@ -28,12 +35,22 @@ def corpus(tmp_path_factory):
 
 def train(out, corpus, *args, nproc=2, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-           "--config", "configs/tiny.yaml", f"out_dir={out}",
-           f"data.paths=[{corpus / 'novels'},{corpus / 'manuals'}]", f"data.cache_dir={out.parent / 'tokens'}",
-           *args]
+           *config_args(out, corpus), *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def config_args(out, corpus):
+    return ["--config", "configs/tiny.yaml", f"out_dir={out}", f"data.paths=[{corpus / 'novels'},{corpus / 'manuals'}]",
+            f"data.cache_dir={out.parent / 'tokens'}"]
+
+
+def one_process(out, corpus, *args, driver=None, timeout=300):
+    """`python train.py ...` in one process (or the same through a driver script that wraps train.main first)."""
+    program = ["-c", driver] if driver else ["train.py"]
+    return subprocess.run([sys.executable, *program, *config_args(out, corpus), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def losses(records):
@@ -123,6 +140,7 @@ def test_pattern_keys_reach_the_converted_model():
 
 
 @pytest.mark.parametrize("override, message", [
+    ("out_dir=README.md", "out_dir README.md is a file; set out_dir to a directory"),
     ("cp_degree=3", "seq_len must be a multiple of 2 * cp_degree"),
     ("cp_degree=2", "cp_degree=2 must divide the number of processes (1)"),
     ("lrr=1", "Unknown config key lrr"),
@@ -157,3 +175,144 @@ def test_float8_training_converts_the_blocks_and_learns(tmp_path, corpus, uninte
     assert curve[6] < curve[1] - 0.5
     first = losses(whole)[1]  # the same weights and data: close to the 32-bit loss, not equal (float8 products)
     assert curve[1] == pytest.approx(first, rel=0.01) and curve[1] != first
+
+
+# ------------------------------------------------------------------------------------------------ bad input, up front
+@pytest.mark.parametrize("overrides, message", [
+    (["eval_every=1"], "eval_every needs held-out documents: set data.eval_fraction above 0"),  # it failed after a step
+    (["log_every=0"], "log_every and eval_batches must be at least 1"),
+    (["eval_every=2", "data.eval_fraction=0.1", "eval_batches=0"], "log_every and eval_batches must be at least 1"),
+    (["keep_checkpoints=-1"], "keep_checkpoints must be 0 or more"),  # it left no checkpoint at all
+    (["save_every=-3"], "save_every, eval_every and keep_checkpoints must be 0 or more"),
+    (["lr=nan"], "Config key lr must be a finite number"),
+])
+def test_bad_values_are_refused_before_any_work(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", overrides)
+
+
+@pytest.mark.parametrize("text, value", [("1e-5", 1e-5), ("2E-5", 2e-5), ("5e-05", 5e-5), (".5", 0.5), ("3", 3.0),
+                                         ("1.0e5", 1e5), ("-1e-3", -1e-3)])
+def test_float_keys_take_every_number_a_user_types(text, value):
+    assert load_config(train_py.TrainConfig, None, [f"weight_decay={text}"]).weight_decay == value
+
+
+def test_float_keys_in_the_yaml_file_too(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 1e-5\nfull_fraction: .5\n")
+    cfg = load_config(train_py.TrainConfig, tmp_path / "c.yaml")
+    assert (cfg.lr, cfg.full_fraction) == (1e-5, 0.5)
+
+
+def test_the_readmes_override_examples_work_as_written(capsys):
+    """README's train section and train.py --help show overrides (`lr=1e-5` was refused); each loads as written."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("\n- Config:")
+    examples = [item for code in re.findall(r"`([^`]+=[^`]+)`", readme[start:readme.index("\n- ", start + 1)])
+                for item in code.split()]
+    with pytest.raises(SystemExit):
+        train_py.main(["--help"])
+    examples += re.search(r"e\.g\.\s+(\S+)\s+(\S+)", capsys.readouterr().out).groups()
+    assert examples.count("lr=1e-5") == 2 and len(examples) >= 6, examples
+    for example in examples:
+        load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", [example])
+
+
+# ------------------------------------------------------------------------------------------------ faults
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, corpus):
+    """One process, two steps, a checkpoint after each: step_1, step_2, final."""
+    out = tmp_path_factory.mktemp("runs") / "small"
+    records = train(out, corpus, "steps=2", "save_every=1", nproc=1)
+    assert [d.name for d in checkpoint.checkpoint_dirs(out)] == ["step_1", "step_2"]
+    return out, losses(records)
+
+
+def copy_of(small, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(small[0], out)
+    return out
+
+
+def test_a_second_run_on_a_held_out_dir_is_refused(tmp_path, corpus):
+    """Two runs on one out_dir both ran to the end, the second overwriting the first's checkpoints."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as the first run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 12345 on elsewhere")
+        held.flush()
+        done = one_process(out, corpus)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"error: {out} is in use by another train.py run (pid 12345 on elsewhere)" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+
+
+KILL_WHEN_REMOVING_A_CHECKPOINT = """
+import os, re, shutil, signal, sys
+sys.path.insert(0, ".")
+real_rmtree = shutil.rmtree
+
+def rmtree(path, *args, **kwargs):  # kill -9 part of the way through removing a complete checkpoint
+    name = os.path.basename(os.fspath(path))
+    if re.fullmatch(r"step_[0-9]+", name) and os.path.isfile(os.path.join(path, "train.json")):
+        os.remove(os.path.join(path, "train.json"))
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_rmtree(path, *args, **kwargs)
+
+shutil.rmtree = rmtree
+import errors, train
+errors.run_cli(lambda: train.main(sys.argv[1:]))
+"""
+
+
+def test_resuming_a_finished_run_never_loses_its_checkpoint(tmp_path, corpus, small):
+    """keep_checkpoints=1, --resume of a finished run: it re-saved step_N, removing the one complete checkpoint
+    before its replacement was in place; a kill -9 then left nothing to resume from."""
+    out = copy_of(small, tmp_path)
+    shutil.rmtree(out / "step_1")  # keep_checkpoints=1: one checkpoint
+    shutil.rmtree(out / "final")
+    done = one_process(out, corpus, "steps=2", "keep_checkpoints=1", "--resume",
+                       driver=KILL_WHEN_REMOVING_A_CHECKPOINT)
+    found = checkpoint.checkpoint_dirs(out)
+    assert [d.name for d in found] == ["step_2"] and checkpoint.inspect(found[-1]) is None, done.stderr[-2000:]
+    assert done.returncode == 0 and (out / "final" / "longgen.json").is_file()  # and it exported the model
+
+
+def test_a_planted_metadata_pickle_is_refused_without_running(tmp_path, corpus, small):
+    out = copy_of(small, tmp_path)
+    ran = tmp_path / "payload_ran"
+    (out / "step_2" / ".metadata").write_bytes(pickle.dumps(Payload(ran)))
+    done = one_process(out, corpus, "--resume")
+    assert not ran.exists(), "the planted pickle ran"
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"Checkpoint {out / 'step_2'} is damaged (its .metadata is not a checkpoint's: it names posix.system" \
+        in done.stderr and "continue from step_1" in done.stderr
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_a_damaged_checkpoint_is_named_and_the_last_good_one_taken_when_asked(tmp_path, corpus, small):
+    """A truncated shard gave a traceback. Now: one sentence, and with --resume-from-last-good the run continues
+    from step_1 exactly as the uninterrupted run went on, with one metrics record per step."""
+    out = copy_of(small, tmp_path)
+    shard = out / "step_2" / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:size // 2])
+    done = one_process(out, corpus, "steps=2", "--resume")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (f"error: Checkpoint {out / 'step_2'} is damaged (its __0_0.distcp is truncated: {size // 2:,} of "
+            f"{size:,} bytes); pass --resume-from-last-good to continue from step_1") in done.stderr
+    done = one_process(out, corpus, "steps=2", "--resume-from-last-good")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step_2 is damaged" in done.stderr and (out / "step_2.damaged").is_dir()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # step 2's first record went with its checkpoint
+    assert [r["resumed_at"] for r in records if r.get("event") == "setup"] == [0, 1]
+    assert losses(records) == small[1]  # step 2 again, bit for bit
+    assert checkpoint.inspect(out / "step_2") is None

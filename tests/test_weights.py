@@ -1,15 +1,24 @@
 """Checkpoint formats: every reader gives the same model, and damaged input is one clear sentence."""
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import longgen
+import tokenizer as tokenizers
 import weights
+from conftest import ROOT
 from errors import UserError
-from model import build, preset
+from model import Config, Transformer, build, preset
 
 
 @pytest.fixture
@@ -124,3 +133,149 @@ def test_failed_download_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr(weights.subprocess, "run", lambda *a, **k: type("Done", (), {"returncode": 1})())
     with pytest.raises(UserError, match="--checkpoint"):
         weights.default_checkpoint()
+
+
+# ------------------------------------------------------------------------------------------------ kill -9 mid-save
+KILL_AT = """
+import os, signal, sys
+sys.path.insert(0, ".")
+import torch, weights
+from model import build, preset
+target, moment = sys.argv[1], sys.argv[2]
+cfg = preset("tiny")
+torch.manual_seed(1)
+state = build(cfg).state_dict()
+real_replace = os.replace
+
+def replace(src, dst):
+    if moment == "written" or str(dst) == target:  # the temporary copy is whole / the old one was just moved aside
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+weights.save_checkpoint(target, cfg, state)
+"""
+
+
+@pytest.mark.parametrize("moment", ["written", "old_moved_aside"])
+def test_a_save_killed_at_any_moment_leaves_a_loadable_checkpoint_and_no_debris(tmp_path, moment):
+    """kill -9 during an export (train.py --export) left `.final.old` and a temporary folder but no `final`, and a
+    later export left the debris behind."""
+    cfg = preset("tiny")
+    target = tmp_path / "final"
+    weights.save_checkpoint(target, cfg, build(cfg).state_dict())
+    old = (target / "model.safetensors").read_bytes()
+    done = subprocess.run([sys.executable, "-c", KILL_AT, str(target), moment], cwd=ROOT, capture_output=True,
+                          timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    cfg_read, state_dict = weights.read_checkpoint(target)  # the old one: the new one never got into place
+    assert cfg_read == cfg and (weights.resolve(target) / "model.safetensors").read_bytes() == old
+    torch.manual_seed(2)
+    new = build(cfg).state_dict()
+    weights.save_checkpoint(target, cfg, new)  # the next save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (target / "model.safetensors").read_bytes() != old
+    assert torch.equal(weights.read_checkpoint(target)[1]["norm.weight"], new["norm.weight"])
+
+
+# ------------------------------------------------------------------------------------------------ bad checkpoints
+def tiny_gguf(path, with_tokenizer: bool):
+    """A small Llama GGUF (2 layers), with or without its tokenizer keys."""
+    cfg = Config(vocab_size=260, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.n_layers)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    if with_tokenizer:
+        writer.add_tokenizer_model("gpt2")
+    shapes = weights.weight_shapes(cfg, fused=False)
+    names = {v: k for k, v in weights.GGUF_NAMES.items()}
+    for name, shape in shapes.items():
+        if name.startswith("layers."):
+            _, layer, rest = name.split(".", 2)
+            gguf_name = f"blk.{layer}.{names[rest.rsplit('.', 1)[0]]}.weight"
+        else:
+            gguf_name = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                         "output.weight": "output.weight"}[name]
+        writer.add_tensor(gguf_name, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return cfg
+
+
+def test_gguf_without_tokenizer_keys(tmp_path):
+    cfg = tiny_gguf(tmp_path / "m.gguf", with_tokenizer=False)
+    assert weights.read_checkpoint(tmp_path / "m.gguf")[0].vocab_size == cfg.vocab_size  # the weights still read
+    with pytest.raises(UserError, match="holds no tokenizer .* convert the model again"):
+        longgen.load(tmp_path / "m.gguf")
+
+
+def test_hf_config_missing_a_key(hf_dir):
+    directory, _ = hf_dir
+    config = json.loads((directory / "config.json").read_text())
+    del config["vocab_size"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="config.json lacks 'vocab_size'; restore the config.json"):
+        weights.read_checkpoint(directory)
+
+
+def test_safetensors_missing_a_weight(hf_dir):
+    directory, _ = hf_dir
+    name = "model.layers.1.mlp.up_proj.weight"
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    shard = directory / index["weight_map"][name]
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"lacks the weight {name}; the checkpoint is incomplete"):
+        weights.read_checkpoint(directory)
+
+
+def test_weights_of_the_wrong_shape(hf_dir):
+    directory, _ = hf_dir
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=re.escape("holds model.layers.0.mlp.gate_proj.weight of shape (96, 64), but "
+                                                  "its config makes it (100, 64)")):
+        weights.read_checkpoint(directory)
+
+
+def test_own_checkpoint_with_a_wrong_shape(tmp_path):
+    cfg = preset("tiny")
+    weights.save_checkpoint(tmp_path / "ckpt", cfg, build(cfg).state_dict())
+    meta = json.loads((tmp_path / "ckpt" / "longgen.json").read_text())
+    meta["config"]["dim"] = 128
+    (tmp_path / "ckpt" / "longgen.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="holds tok_embeddings.weight of shape"):
+        weights.read_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_vocabulary_smaller_than_the_tokenizers(tmp_path):
+    """It failed with an IndexError at the first token."""
+    cfg = preset("tiny")  # 512 rows
+    tok = tokenizers.Tokenizer({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 600}, tokenizers.GPT2)
+    weights.save_checkpoint(tmp_path / "ckpt", cfg, build(cfg).state_dict(), tok)
+    with pytest.raises(UserError, match="has 601 tokens but the weights only 512; .* use the tokenizer that came"):
+        longgen.load(tmp_path / "ckpt")
+
+
+def test_own_checkpoint_without_its_config(tmp_path):
+    cfg = preset("tiny")
+    weights.save_checkpoint(tmp_path / "ckpt", cfg, build(cfg).state_dict())
+    (tmp_path / "ckpt" / "longgen.json").write_text(json.dumps({"format": weights.FORMAT_VERSION}))
+    with pytest.raises(UserError, match="longgen.json lacks the model's config; the checkpoint is damaged: export it"):
+        weights.read_checkpoint(tmp_path / "ckpt")
+
+
+def test_weight_shapes_are_the_models():
+    for cfg in (preset("tiny"), preset("smollm2-135m"), longgen.convert(preset("llama-3-8b"))):
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        assert weights.weight_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()
+                                              if not (cfg.tie_embeddings and k == "output.weight")}
