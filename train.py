@@ -39,7 +39,7 @@ import longgen
 import tokenizer as tokenizers
 import weights
 from config import load_config
-from context_parallel import cp_forward, cp_mean, shard
+from context_parallel import cp_forward, cp_mean, exchange_report, shard
 from data import DataConfig, PackedStream, load_documents
 from errors import UserError, run_cli
 from model import build, preset
@@ -99,6 +99,7 @@ class TrainConfig:
     loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (0: the whole sequence)
     float8: bool = False  # torchao float8 training of the blocks' linear layers (GPUs of compute capability 8.9+)
     cp_degree: int = 1  # context parallel: ranks that split each sequence between them (divides the world size)
+    cp_exchange: str = "pattern"  # pattern: sparse layers fetch only the keys their masks reach; allgather: all keys
     compile: bool = True
     peak_tflops: float | None = None  # for MFU; default: from the GPU's name
     # bookkeeping
@@ -116,6 +117,7 @@ class TrainConfig:
                   (not (self.checkpoint and self.preset), "give checkpoint or preset, not both"),
                   (min(self.seq_len, self.batch_size, self.grad_accum, self.steps, self.cp_degree) >= 1,
                    "seq_len, batch_size, grad_accum, steps and cp_degree must be at least 1"),
+                  (self.cp_exchange in ("pattern", "allgather"), "cp_exchange must be pattern or allgather"),
                   (self.cp_degree == 1 or self.seq_len % (2 * self.cp_degree) == 0,
                    "seq_len must be a multiple of 2 * cp_degree (each rank holds two equal chunks)"),
                   (self.loss_chunk >= 0, "loss_chunk must be >= 0 (0: the whole sequence at once)"),
@@ -135,6 +137,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
     if torch.cuda.is_available():
+        if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise UserError(f"{os.environ.get('LOCAL_WORLD_SIZE', 'More')} processes on this machine but only "
+                            f"{torch.cuda.device_count()} GPUs; start at most --nproc_per_node="
+                            f"{torch.cuda.device_count()}.")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -208,19 +214,20 @@ def lr_lambda(cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None, loss_chunk: int = 4096) -> torch.Tensor:
+def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None, loss_chunk: int = 4096,
+            cp_exchange: str = "pattern", stats: dict | None = None) -> torch.Tensor:
     """Next-token cross-entropy of a packed batch (B, S + 1). With document masking each document is attended to on
     its own, and the token after a document's last one (another document's first) is not predicted. The logits are
     made loss_chunk tokens at a time (model.chunked_cross_entropy; 0: all at once). With a context-parallel group,
     this rank's share, from its shard's logits (chunked the same way): the group's mean of it is the loss of the whole
-    sequence."""
+    sequence; cp_exchange and stats go to context_parallel.cp_forward."""
     inputs, targets, docs = tokens[:, :-1], tokens[:, 1:].clone(), doc_ids[:, :-1]
     if doc_masking:
         targets[doc_ids[:, 1:] != docs] = -100
     if cp_group is not None:
         targets = shard(targets, cp_group)  # (B, S/cp), this rank's
         loss_sum = cp_forward(model, shard(inputs, cp_group), cp_group, docs if doc_masking else None, targets,
-                              loss_chunk)
+                              loss_chunk, cp_exchange, stats)
         return cp_mean(loss_sum, targets, cp_group)
     loss_sum = model(inputs, doc_ids=docs if doc_masking else None, targets=targets, loss_chunk=loss_chunk)
     return loss_sum / (targets != -100).sum().clamp(min=1)
@@ -267,16 +274,18 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, strea
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler, stream) -> int:
+    """Continue from a checkpoint, on as many processes as wrote it or on another number: DCP reshards the model and
+    optimizer, and the data position is one global window count, the same in every rank's file (PackedStream), so
+    any rank's file continues the same windows (the RNG state is read from one of them alike; training draws no
+    random numbers after the initial weights). The same recipe needs the same tokens per step, batch_size x
+    grad_accum x processes / cp_degree: two processes with grad_accum=2 become one with grad_accum=4."""
     meta = json.loads((directory / "train.json").read_text())
-    if meta["world_size"] != dist.get_world_size():
-        raise UserError(f"{directory} was written by {meta['world_size']} processes; resume it with "
-                        f"--nproc_per_node={meta['world_size']}.")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=directory)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(meta["scheduler"])
-    mine = json.loads((directory / f"rank{dist.get_rank()}.json").read_text())
+    mine = json.loads((directory / f"rank{dist.get_rank() % meta['world_size']}.json").read_text())
     stream.load_state_dict(mine["data"])
     torch.set_rng_state(torch.tensor(mine["rng"], dtype=torch.uint8))
     return meta["step"]
@@ -351,11 +360,11 @@ def run(cfg, rank, world, device, resume, export_only):
     model.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
-        loss_sum, flops = torch.zeros((), device=device), 0.0
+        loss_sum, flops, exchanged = torch.zeros((), device=device), 0.0, {}
         for _ in range(cfg.grad_accum):
             tokens, doc_ids = stream.next_batch(cfg.batch_size)
             loss = lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group,
-                           cfg.loss_chunk)
+                           cfg.loss_chunk, cfg.cp_exchange, exchanged)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             flops += step_flops(model_cfg, n_params, doc_ids, cfg.doc_masking) / cfg.cp_degree  # this rank's
@@ -377,6 +386,8 @@ def run(cfg, rank, world, device, resume, export_only):
                 record["mfu"] = flops * world / elapsed / (peak * 1e12 * world)
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if exchanged:  # K/V rows and bytes the CP ranks exchanged, per attention kind
+                record["exchange"] = exchange_report(exchanged, 2 if cfg.dtype == "bfloat16" else 4)
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
@@ -402,7 +413,8 @@ def evaluate(model, cfg: TrainConfig, tok, prefix, separator, rank: int, world: 
     total = torch.zeros((), device=device)
     for _ in range(cfg.eval_batches):
         tokens, doc_ids = stream.next_batch(cfg.batch_size)
-        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group, cfg.loss_chunk)
+        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group, cfg.loss_chunk,
+                         cfg.cp_exchange)
     model.train()
     dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return total.item() / cfg.eval_batches
