@@ -16,7 +16,7 @@ receives from the others per layer:
 With packed documents (doc_ids, how train.py trains) each document has its own sink, window and blocks, so which rows
 a chunk needs depends on where the document that runs into it starts. A sink + window chunk then needs the
 `window - 1` rows before it and that document's sink; a strided chunk its local blocks and that document's kept
-blocks (documents that start inside a chunk have all their keys there). Those rows are exchanged, each rank's
+blocks (documents that start inside a chunk find the keys they reach inside it). Those rows are exchanged, each rank's
 share padded to `capacity`, the most any placement of documents can need, so that every step exchanges tensors of
 the same shapes (compiled code is not made again for each batch) and moves about as much as without documents. The
 padding rows are masked out. `exchange="allgather"` all-gathers every kind instead, to measure against.
@@ -120,6 +120,8 @@ def capacity(pattern: Pattern, positions_RT: Tensor, batch: int) -> Tensor:
 def _padded(need_T: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """(n,) indices of need_T's True entries in order, then the last of them again up to n (or 0, if there is none),
     and (n,) whether each is a real one."""
+    if n == 0:  # this pair of ranks exchanges nothing (e.g. no sink and no window rows there)
+        return need_T.new_zeros(0, dtype=torch.long), need_T.new_zeros(0)
     idx = torch.argsort((~need_T).to(torch.int8), stable=True)[:n]  # needed first, in order
     count = need_T.sum()
     real = torch.arange(n, device=need_T.device) < count

@@ -35,6 +35,8 @@ def cases() -> dict:
         "longgen_allgather": (longgen.convert(tiny, sparse="strided"), None, "allgather"),
         **{f"longgen_{sparse}_documents_{exchange}": (longgen.convert(tiny, sparse=sparse), DOCS, exchange)
            for sparse in ("sink_window", "strided") for exchange in ("pattern", "allgather")},
+        # no sink: some pairs of ranks exchange no row at all
+        "window_only_documents": (replace(tiny, n_layers=2, n_sink=0, attn=("sink_window",) * 2), DOCS, "pattern"),
     }
 
 
