@@ -1,7 +1,7 @@
 """train.py on two processes against one: the checks of several GPUs (NCCL), and of two CPU processes (gloo), where
 nothing but the backend changes. Not collected by pytest (no test_ prefix); run it:
 
-    python tests/gpu_multi.py [--out DIR] [--steps 20] [--jobs 4] [--only cp_strided_fp32,resume]
+    python tests/gpu_multi.py [--out DIR] [--steps 20] [--jobs 8] [--only cp_strided_fp32,resume]
 
 It writes a tiny corpus and a byte-level tokenizer into --out (nothing is fetched), then runs train.py with the tiny
 preset at 512 tokens (each rank's half of a sequence is 2 mask tiles, so flex runs on GPUs), document masking on,
@@ -15,7 +15,7 @@ compiled blocks on GPUs (--compile to choose), and compares the losses of every 
   process to step 15 (grad_accum doubled for dp: the same windows per step), then on two again to the end: within
   1e-4 of the run that never stopped.
 Each check prints PASS or FAIL with the largest loss difference; the exit status is 1 if any failed. Runs go
---jobs at a time (they share the GPUs: the models are tiny); each one's output is in --out/logs.
+--jobs at a time (8 on GPUs, which they share: the models are tiny); each one's output is in --out/logs.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="working directory (default: a new temporary one)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--jobs", type=int, help="runs at a time (default: 4 with GPUs, 1 on CPUs)")
+    p.add_argument("--jobs", type=int, help="runs at a time (default: 8 with GPUs, 1 on CPUs)")
     p.add_argument("--only", help="comma-separated checks (default: all)")
     p.add_argument("--compile", type=lambda s: s == "true", help="true/false (default: true on GPUs)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per train.py run")
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     chosen = args.only.split(",") if args.only else checks
     if set(chosen) - set(checks):
         sys.exit(f"unknown checks {sorted(set(chosen) - set(checks))}; choose from {', '.join(checks)}")
-    jobs = args.jobs or (4 if torch.cuda.is_available() else 1)
+    jobs = args.jobs or (8 if torch.cuda.is_available() else 1)
     device = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available()
               else "CPU (gloo)")
     print(f"gpu_multi: {device}, torch {torch.__version__}, {args.steps} steps, out {args.out}", flush=True)
