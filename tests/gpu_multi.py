@@ -67,7 +67,7 @@ class Runner:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.yaml"), "preset=tiny",
                f"tokenizer={self.tok}", f"data.paths=[{self.corpus}]", f"data.cache_dir={self.args.out / 'tokens'}",
-               "seq_len=512", f"steps={self.args.steps}", "lr=1e-3", "warmup_steps=2", "save_every=0",
+               "seq_len=512", f"steps={self.args.steps}", "lr=0.001", "warmup_steps=2", "save_every=0",
                "keep_checkpoints=5",
                f"compile={str(compile_).lower()}", f"out_dir={out_dir}", *overrides]
         log = self.args.out / "logs" / f"{name}.log"
@@ -76,8 +76,10 @@ class Runner:
             f.flush()
             done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=self.args.timeout)
         if done.returncode:
+            lines = log.read_text().splitlines()
+            said = [line for line in lines if line.startswith("error: ") or "Error" in line.split(":")[0]]
             raise RuntimeError(f"{name} failed (exit {done.returncode}); see {log}:\n"
-                               + "\n".join(log.read_text().splitlines()[-15:]))
+                               + "\n".join(said[-5:] or lines[-15:]))
         return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
