@@ -27,13 +27,14 @@ DOCS = torch.tensor([[0] * 40 + [1] * 50 + [2] * 38, [0] * 5 + [1] * 59 + [2] * 
 def cases() -> dict:
     """name -> (config, doc_ids (B, S) or None, exchange)."""
     tiny = preset("tiny")
+    short = replace(tiny, n_layers=3, attn=("full",) * 3)  # LongGen: the middle layer full, the others sparse
     return {
         "full": (tiny, None, "pattern"),
         "sink_window": (replace(tiny, attn=("sink_window",) * tiny.n_layers), None, "pattern"),
         "strided": (replace(tiny, attn=("strided",) * tiny.n_layers), None, "pattern"),
         "longgen": (longgen.convert(tiny, sparse="sink_window"), None, "pattern"),
-        "longgen_allgather": (longgen.convert(tiny, sparse="strided"), None, "allgather"),
-        **{f"longgen_{sparse}_documents_{exchange}": (longgen.convert(tiny, sparse=sparse), DOCS, exchange)
+        "longgen_allgather": (longgen.convert(short, sparse="strided"), None, "allgather"),
+        **{f"longgen_{sparse}_documents_{exchange}": (longgen.convert(short, sparse=sparse), DOCS, exchange)
            for sparse in ("sink_window", "strided") for exchange in ("pattern", "allgather")},
         # no sink: some pairs of ranks exchange no row at all
         "window_only_documents": (replace(tiny, n_layers=2, n_sink=0, attn=("sink_window",) * 2), DOCS, "pattern"),
@@ -177,7 +178,7 @@ def test_needed_keys_with_documents_are_exactly_those_the_mask_reaches(kind):
 @pytest.mark.parametrize("cp", [2, 4])
 def test_capacity_holds_every_placement_of_documents_at_128k(kind, cp):
     """At the paper's patterns and 128K tokens: no placement of documents needs more rows than `capacity` (documents
-    of 64 to 64K tokens, one or two rows), and what it sends is at most 5% of an all-gather (cp = 2: 3.3% sink +
+    of about 128 and 16K tokens, one or two rows), and what it sends is at most 5% of an all-gather (cp = 2: 3.3% sink +
     window, 3.1% strided)."""
     pattern, length, generator = preset("llama-2-7b").pattern(kind), 131072, torch.Generator().manual_seed(0)
     positions_RT = torch.stack([zigzag_positions(length, cp, r) for r in range(cp)])
@@ -187,7 +188,7 @@ def test_capacity_holds_every_placement_of_documents_at_128k(kind, cp):
         assert torch.equal(cap.diagonal(), torch.full((cp,), T))
         remote = cap.sum() - cap.diagonal().sum()
         assert remote <= 0.05 * batch * cp * (cp - 1) * T
-        for median in (64, 1024, 16384, 65536):
+        for median in (128, 16384):
             need = needed_keys(pattern, positions_RT, random_documents(batch, length, median, generator))
             assert (need.sum(-1) <= cap).all(), (median, need.sum(-1), cap)
 
