@@ -8,7 +8,7 @@ preset at 512 tokens (each rank's half of a sequence is 2 mask tiles, so flex ru
 compiled blocks on GPUs (--compile to choose), lr 1e-3 (tiny.yaml's 3e-3 makes loss spikes that amplify bf16's
 rounding differences along the run), and compares the losses of every step:
 - cp_{sink_window,strided,full}_{fp32,bf16}: `torchrun --nproc_per_node=2 train.py cp_degree=2` (the pattern
-  exchange) against one process of the same global batch; fp32 within 1e-4 relative, bf16 within 2e-2;
+  exchange) against one process of the same global batch; fp32 within 1e-4 relative, bf16 within 5e-3;
 - dp_fp32: two data-parallel ranks (cp_degree=1, batch 1, grad_accum 2) against one process with grad_accum 4;
 - resume: the cp_sink_window_fp32 run stopped half way (step 10) and resumed with --resume on two ranks: bit for
   bit;
@@ -38,7 +38,7 @@ from tokenizer import Tokenizer  # noqa: E402
 
 LAYOUTS = ("sink_window", "strided", "full")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}  # largest relative loss difference
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-3}  # largest relative loss difference (gloo, 20 steps: 6e-7, 8e-5)
 WORDS = ("the long context of a story unfolds over many chapters and every chapter remembers the first one while "
          "sparse layers keep a window and a sink").split()
 
