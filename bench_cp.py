@@ -3,6 +3,7 @@
 
     torchrun --nproc_per_node=2 bench_cp.py --json cp.json [--parts cp,single,dp] [--lengths 128k,256k]
              [--layouts full,sink_window,strided] [--exchange pattern,allgather] [--budget-s 480]
+    python bench_cp.py --table a.json b.json          # one table of several runs' rows
 
 Parts (rows run one after another, each with a fresh model and freshly compiled blocks):
 - cp: every sequence split over --cp ranks (default: all of them), at each of --lengths, for each layout (every layer
@@ -254,7 +255,11 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="one more, profiled, step per row (GPU only)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks")
     p.add_argument("--json", help="write every number here (rewritten after each row)")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="instead: print one table of the rows of these reports "
+                                                             "(e.g. two runs' JSON files)")
     args = p.parse_args(argv)
+    if args.table:
+        return args
     args.parts = args.parts.split(",")
     if set(args.parts) - set(PARTS):
         raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
@@ -409,8 +414,22 @@ def table(report: dict) -> str:
     return "\n".join(out)
 
 
+def merged(paths) -> dict:
+    """One report of the rows of several (the first one's settings), for one table."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"Cannot read the report {path} ({e}); give JSON files that bench_cp.py --json wrote.")
+    return dict(reports[0], rows=[row for r in reports for row in r["rows"]])
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.table:
+        print(table(merged(args.table)))
+        return
     report = run(args)
     if report:
         print("\n" + table(report), flush=True)

@@ -71,6 +71,18 @@ def test_table_ratios_come_from_the_measurements(run):
             assert cells[12:14] == [str(sparse["rows_per_layer"]), f"{sparse['of_allgather']:.1%}"]
 
 
+def test_table_of_several_reports(run, tmp_path, capsys):
+    """Two reports (two device calls' JSON) make one table, with the ratios across them: the same as one report's."""
+    report, stdout = run
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(dict(report, rows=report["rows"][:5])))  # the cp rows
+    second.write_text(json.dumps(dict(report, rows=report["rows"][5:])))  # one GPU and dp: cp's "vs 1 GPU" is here
+    bench_cp.main(["--table", str(first), str(second)])
+    assert capsys.readouterr().out.strip() == bench_cp.table(report)
+    with pytest.raises(UserError, match="Cannot read the report"):
+        bench_cp.main(["--table", str(tmp_path / "missing.json")])
+
+
 def test_rows_past_the_budget_are_skipped_and_said(tmp_path):
     report, stdout = bench(tmp_path / "late.json", "--parts", "single", "--single-lengths", "128", "--docs", "none",
                            "--budget-s", "1e-9", nproc=1)
