@@ -384,17 +384,18 @@ def prune(out_dir: Path, keep: int) -> None:
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler, stream) -> int:
-    """Restore what `save_checkpoint` saved; the step it was saved at."""
+    """Restore what `save_checkpoint` saved; the step it was saved at. On as many processes as wrote it or on another
+    number: DCP reshards the model and optimizer, and the data position is one global window count, the same in every
+    rank's file (PackedStream), so any rank's file continues the same windows (the RNG state is read from one of them
+    alike; training draws no random numbers after the initial weights). The same recipe needs the same tokens per step,
+    batch_size x grad_accum x processes / cp_degree: two processes with grad_accum=2 become one with grad_accum=4."""
     meta = json.loads((directory / "train.json").read_text())
-    if meta["world_size"] != dist.get_world_size():
-        raise UserError(f"{directory} was written by {meta['world_size']} processes; resume it with "
-                        f"--nproc_per_node={meta['world_size']}.")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     load_state(state, directory)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(meta["scheduler"])
-    mine = json.loads((directory / f"rank{dist.get_rank()}.json").read_text())
+    mine = json.loads((directory / f"rank{dist.get_rank() % meta['world_size']}.json").read_text())
     stream.load_state_dict(mine["data"])
     torch.set_rng_state(torch.tensor(mine["rng"], dtype=torch.uint8))
     return meta["step"]

@@ -117,6 +117,15 @@ def document_starts(doc_ids: Tensor) -> Tensor:
     return torch.where(is_start, idx, 0).cummax(dim=-1).values
 
 
+def document_ends(doc_ids: Tensor) -> Tensor:
+    """(B, S) -> (B, S): for every token, the index of the last token of its document."""
+    S = doc_ids.shape[-1]
+    idx = torch.arange(S, device=doc_ids.device).expand_as(doc_ids)
+    is_end = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_end[:, :-1] = doc_ids[:, :-1] != doc_ids[:, 1:]
+    return torch.where(is_end, idx, S).flip(-1).cummin(dim=-1).values.flip(-1)
+
+
 # ------------------------------------------------------------------------------------------------ block rules
 # Each rule takes inclusive position intervals (broadcastable int64 tensors) and returns (any_allowed, all_allowed).
 def causal_blocks(q_lo, q_hi, k_lo, k_hi):
@@ -226,7 +235,7 @@ def block_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_o
     else:
         if not bool((doc_ids[:, 1:] >= doc_ids[:, :-1]).all()):
             raise ValueError("doc_ids must be non-decreasing along each row (one number per packed document).")
-        any_, all_ = _document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi)
+        any_, all_ = document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi)
     # A block cut short by the end of the sequence is never full (as create_block_mask pads it with masked entries).
     all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
     return from_block_grid(any_, all_, _full_mask_mod(pattern, q_offset, doc_ids, device), q_len, kv_len, (QB, KB))
@@ -248,8 +257,10 @@ def block_ranges(length: int, block: int, offset: int = 0, device=None):
     return lo + offset, hi + offset, hi - lo + 1 < block
 
 
-def _document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi):
-    """Block rules in document-local positions: (B, NQ, NK) any / all."""
+def document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi):
+    """Block rules in document-local positions: (B, NQ, NK) any / all, for blocks given by their first and last
+    position ((NQ,) and (NK,)). Exact for blocks of consecutive positions; for a block that holds only some of the
+    positions of its range (context_parallel.py's gathered keys) "any" can only grow and "all" only shrink."""
     starts = document_starts(doc_ids)  # (B, S)
 
     def describe(lo, hi):  # per block: first and last document, and local positions of its first and last token

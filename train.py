@@ -37,7 +37,7 @@ import longgen
 import tokenizer as tokenizers
 import weights
 from config import load_config
-from context_parallel import cp_forward, cp_mean, shard
+from context_parallel import cp_forward, cp_mean, exchange_report, shard
 from data import DataConfig, PackedStream, load_documents
 from errors import UserError, run_cli
 from model import build, preset
@@ -109,6 +109,7 @@ class TrainConfig:
     loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (0: the whole sequence)
     float8: bool = False  # torchao float8 training of the blocks' linear layers (GPUs of compute capability 8.9+)
     cp_degree: int = 1  # context parallel: ranks that split each sequence between them (divides the world size)
+    cp_exchange: str = "pattern"  # pattern: sparse layers fetch only the keys their masks reach; allgather: all keys
     compile: bool = True
     peak_tflops: float | None = None  # for MFU; default: from the GPU's name
     # bookkeeping
@@ -126,6 +127,7 @@ class TrainConfig:
                   (not (self.checkpoint and self.preset), "give checkpoint or preset, not both"),
                   (min(self.seq_len, self.batch_size, self.grad_accum, self.steps, self.cp_degree) >= 1,
                    "seq_len, batch_size, grad_accum, steps and cp_degree must be at least 1"),
+                  (self.cp_exchange in ("pattern", "allgather"), "cp_exchange must be pattern or allgather"),
                   (self.cp_degree == 1 or self.seq_len % (2 * self.cp_degree) == 0,
                    "seq_len must be a multiple of 2 * cp_degree (each rank holds two equal chunks)"),
                   (self.loss_chunk >= 0, "loss_chunk must be >= 0 (0: the whole sequence at once)"),
@@ -150,6 +152,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
     if torch.cuda.is_available():
+        if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise UserError(f"{os.environ.get('LOCAL_WORLD_SIZE', 'More')} processes on this machine but only "
+                            f"{torch.cuda.device_count()} GPUs; start at most --nproc_per_node="
+                            f"{torch.cuda.device_count()}.")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -262,19 +268,20 @@ def lr_lambda(cfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None, loss_chunk: int = 4096) -> torch.Tensor:
+def lm_loss(model, tokens, doc_ids, doc_masking: bool, cp_group=None, loss_chunk: int = 4096,
+            cp_exchange: str = "pattern", stats: dict | None = None) -> torch.Tensor:
     """Next-token cross-entropy of a packed batch (B, S + 1). With document masking each document is attended to on
     its own, and the token after a document's last one (another document's first) is not predicted. The logits are
     made loss_chunk tokens at a time (model.chunked_cross_entropy; 0: all at once). With a context-parallel group,
     this rank's share, from its shard's logits (chunked the same way): the group's mean of it is the loss of the whole
-    sequence."""
+    sequence; cp_exchange and stats go to context_parallel.cp_forward."""
     inputs, targets, docs = tokens[:, :-1], tokens[:, 1:].clone(), doc_ids[:, :-1]
     if doc_masking:
         targets[doc_ids[:, 1:] != docs] = -100
     if cp_group is not None:
         targets = shard(targets, cp_group)  # (B, S/cp), this rank's
         loss_sum = cp_forward(model, shard(inputs, cp_group), cp_group, docs if doc_masking else None, targets,
-                              loss_chunk)
+                              loss_chunk, cp_exchange, stats)
         return cp_mean(loss_sum, targets, cp_group)
     loss_sum = model(inputs, doc_ids=docs if doc_masking else None, targets=targets, loss_chunk=loss_chunk)
     return loss_sum / (targets != -100).sum().clamp(min=1)
@@ -378,11 +385,11 @@ def run(cfg, rank, world, device, resume, export_only, fall_back=False):
     model.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
-        loss_sum, flops = torch.zeros((), device=device), 0.0
+        loss_sum, flops, exchanged = torch.zeros((), device=device), 0.0, {}
         for _ in range(cfg.grad_accum):
             tokens, doc_ids = stream.next_batch(cfg.batch_size)
             loss = lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group,
-                           cfg.loss_chunk)
+                           cfg.loss_chunk, cfg.cp_exchange, exchanged)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             flops += step_flops(model_cfg, n_params, doc_ids, cfg.doc_masking) / cfg.cp_degree  # this rank's
@@ -404,6 +411,8 @@ def run(cfg, rank, world, device, resume, export_only, fall_back=False):
                 record["mfu"] = flops * world / elapsed / (peak * 1e12 * world)
             if device.type == "cuda":
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if exchanged:  # K/V rows and bytes the CP ranks exchanged, per attention kind
+                record["exchange"] = exchange_report(exchanged, 2 if cfg.dtype == "bfloat16" else 4)
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
@@ -430,7 +439,8 @@ def evaluate(model, cfg: TrainConfig, docs, prefix, separator, rank: int, world:
     total = torch.zeros((), device=device)
     for _ in range(cfg.eval_batches):
         tokens, doc_ids = stream.next_batch(cfg.batch_size)
-        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group, cfg.loss_chunk)
+        total += lm_loss(model, tokens.to(device), doc_ids.to(device), cfg.doc_masking, cp_group, cfg.loss_chunk,
+                         cfg.cp_exchange)
     model.train()
     dist.all_reduce(total, op=dist.ReduceOp.AVG)
     return total.item() / cfg.eval_batches

@@ -113,6 +113,23 @@ def test_resume_continues_bit_for_bit(tmp_path, corpus, uninterrupted):
     assert {**losses(first), **losses(second)} == losses(whole)  # identical floats, not just close
 
 
+def test_checkpoint_of_two_processes_resumes_on_one_and_back(tmp_path, corpus, uninterrupted):
+    """DCP reshards: the two-process run's step-3 checkpoint continues on one process (grad_accum doubled: the same
+    windows per step) to step 5, and that one on two processes again to step 6, with the losses of the run that was
+    never interrupted (float32; the sums group the windows differently, so not bit for bit)."""
+    whole_dir, whole = uninterrupted
+    out = tmp_path / "reshard"
+    out.mkdir()
+    shutil.copytree(whole_dir / "step_3", out / "step_3")
+    train(out, corpus, "steps=5", "grad_accum=4", "--resume", nproc=1)
+    records = train(out, corpus, "steps=6", "--resume")
+    setups = [r for r in records if r.get("event") == "setup"]
+    assert [(r["world_size"], r["resumed_at"]) for r in setups] == [(1, 3), (2, 5)]
+    curve = losses(records)
+    assert sorted(curve) == [4, 5, 6]
+    assert curve == pytest.approx({step: losses(whole)[step] for step in curve}, rel=1e-4)
+
+
 def test_full_attention_baseline_in_one_process(tmp_path, corpus):
     records = train(tmp_path / "full", corpus, "steps=2", "--baseline", "full", nproc=1)
     assert set(records[0]["layout"]) == {"full"} and records[0]["world_size"] == 1
@@ -127,6 +144,12 @@ def test_context_parallel_run_equals_one_process(tmp_path, corpus, doc_masking):
     split = train(tmp_path / "cp", corpus, *args, "cp_degree=2", nproc=2)
     assert split[0]["world_size"] == 2 and split[0]["local_params"] < 0.6 * split[0]["params"]
     assert losses(split) == pytest.approx(losses(single), rel=1e-4)
+    for record in split[1:]:  # what the two ranks exchanged: every row for full layers, fewer for sink + window
+        full, sparse = record["exchange"]["full"], record["exchange"]["sink_window"]
+        assert (full["layers"], sparse["layers"]) == (2, 4)
+        assert full["rows_per_layer"] == full["allgather_rows_per_layer"] == 2 * 2 * 64  # 2 micro-steps x 2 ranks
+        assert 0 < sparse["rows_per_layer"] < full["rows_per_layer"]
+        assert sparse["bytes_per_step"] == sparse["rows_per_layer"] * 2 * 4 * (2 * 2 * 2 * 16) * 4
 
 
 def test_pattern_keys_reach_the_converted_model():
@@ -143,6 +166,7 @@ def test_pattern_keys_reach_the_converted_model():
     ("out_dir=README.md", "out_dir README.md is a file; set out_dir to a directory"),
     ("cp_degree=3", "seq_len must be a multiple of 2 * cp_degree"),
     ("cp_degree=2", "cp_degree=2 must divide the number of processes (1)"),
+    ("cp_exchange=ring", "cp_exchange must be pattern or allgather"),
     ("lrr=1", "Unknown config key lrr"),
     ("lr=fast", "lr must be float"),
     ("data.pathz=[x]", "Unknown config key data.pathz"),
@@ -316,3 +340,14 @@ def test_a_damaged_checkpoint_is_named_and_the_last_good_one_taken_when_asked(tm
     assert [r["resumed_at"] for r in records if r.get("event") == "setup"] == [0, 1]
     assert losses(records) == small[1]  # step 2 again, bit for bit
     assert checkpoint.inspect(out / "step_2") is None
+
+
+def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
+    """torchrun --nproc_per_node=4 on a machine of 2 GPUs: the third process says so before touching CUDA."""
+    monkeypatch.setattr(train_py.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_py.torch.cuda, "device_count", lambda: 2)
+    for key, value in dict(RANK="2", LOCAL_RANK="2", WORLD_SIZE="4", LOCAL_WORLD_SIZE="4").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(train_py.UserError, match="4 processes on this machine but only 2 GPUs; start at most "
+                                                 "--nproc_per_node=2"):
+        train_py.init_distributed()
