@@ -1,5 +1,6 @@
 """data.py: reading and caching corpora, and the packed, upsampled, resumable stream; Tokenizer.encode_ordinary."""
 import functools
+import hashlib
 import json
 
 import numpy as np
@@ -267,3 +268,71 @@ def test_bad_input_raises_user_error(tok, tmp_path):
         stream.next_batch(0)
     with pytest.raises(UserError, match="other documents or stream settings"):
         PackedStream(docs, 9).load_state_dict(stream.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ pinned windows
+# The loader's windows on a fixed corpus, as sha256 digests taken from data.py before its token store became
+# memory-mapped (commit 7f54bdf): any change to reading, splitting, drawing, packing or the fingerprint shows here.
+PIN_WORDS = ("the of and to in is was that for it with as his on be at by had not are but from or have an they which "
+             "one you were her all she there would their we him been has when who will more no if out so said what "
+             "up its about into than them can only other new some could time these two may then do first any my now "
+             "such like our over man me even most made after also did many before must through back years where much "
+             "your way well down should because each just those people Mr how too little state good very make world "
+             "still own see men work long get here between both life being under never day same another know while "
+             "last might us great old year off come since against go came right used take three").split()
+
+
+def pin_text(i: int, n_words: int) -> str:
+    """Document i: n_words words picked by a fixed formula, with some punctuation and a line break now and then."""
+    words = [PIN_WORDS[(i * 31 + j * j * 7 + j // 3) % len(PIN_WORDS)] for j in range(n_words)]
+    return " ".join(w + ("." if (i + j) % 11 == 0 else "\n" if (i + j) % 29 == 0 else "") for j, w in enumerate(words))
+
+
+def pin_corpus(root):
+    """Three sources: a directory of .txt/.md files, a .jsonl file and a .parquet file; some documents long."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (root / "essays" / "deep").mkdir(parents=True)
+    for i in range(14):
+        suffix = ".md" if i % 4 == 3 else ".txt"
+        where = root / "essays" / ("deep" if i % 5 == 2 else "")
+        (where / f"e{i:02d}{suffix}").write_text(pin_text(i, 20 + (i * 97) % 900), encoding="utf-8")
+    lines = [json.dumps({"text": pin_text(100 + i, 5 + (i * 53) % 400), "id": i}) for i in range(40)]
+    (root / "notes.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": [pin_text(200 + i, 30 + (i * 211) % 1500) for i in range(9)]}),
+                   root / "web.parquet")
+    return [str(root / "essays"), str(root / "notes.jsonl"), str(root / "web.parquet")]
+
+
+def stream_digest(stream: PackedStream, n: int, batch_size: int) -> str:
+    h = hashlib.sha256()
+    for tokens, doc_ids in batches(stream, n, batch_size):
+        h.update(tokens.astype(np.int64).tobytes())
+        h.update(doc_ids.astype(np.int32).tobytes())
+    return h.hexdigest()[:16]
+
+
+PINNED = {  # split: (windows' digest, rank 1 of 2, 40 batches of 3; fingerprint; windows in epoch 0; documents)
+    "train": ("6068a1d58a653be2", 227197581797283, 60, {"essays": 8, "notes": 29, "web": 6}),
+    "eval": ("f9f7efb591d88353", 149497002301048, 38, {"essays": 6, "notes": 11, "web": 3}),
+}
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_windows_are_pinned_on_a_tokenised_corpus(tok, tmp_path, split):
+    paths = pin_corpus(tmp_path / "corpus")
+    cfg = DataConfig(paths=paths, eval_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    docs = load_documents(cfg, tok, split)
+    stream = PackedStream(docs, 257, seed=11, upsample_long=3, long_doc_tokens=600, prefix=[tok.bos_id or 1],
+                          suffix=[tok.eos_id], rank=1, world_size=2)
+    windows = stream.stats()["windows_in_epoch"]
+    got = (stream_digest(stream, 40, 3), stream.state_dict()["fingerprint"], windows,
+           {name: len(ds) for name, ds in docs.items()})
+    assert stream.stats()["epoch"] >= 1  # the pinned windows cross an epoch boundary
+    assert got == PINNED[split]
+
+
+def test_windows_are_pinned_on_synthetic_documents():
+    docs = synthetic({"a": [37, 5, 300, 80, 12, 0, 700] * 5, "b": [900, 40, 2000, 3], "c": []})
+    stream = PackedStream(docs, 63, seed=5, upsample_long=3, long_doc_tokens=500, prefix=[BOS], suffix=[EOS])
+    got = (stream_digest(stream, 30, 4), stream.state_dict()["fingerprint"])
+    assert got == ("50e20403750fd12a", 149664396864842)
