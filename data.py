@@ -549,8 +549,9 @@ def _hub_stream(name: str, config: str | None, split: str, revision: str):
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(name, config, split=split, streaming=True, revision=revision)
-    except ValueError as e:  # an unknown split or config
-        raise UserError(f"{HUB_PREFIX}{name} cannot be streamed as asked ({e}); check its config and split.") from None
+    except (ValueError, FileNotFoundError) as e:  # an unknown split or config; a gated dataset
+        raise UserError(f"{HUB_PREFIX}{name} cannot be streamed as asked ({e}); check its config and split (or log in "
+                        "with `hf auth login` for a gated dataset).") from None
 
 
 # ------------------------------------------------------------------------------------------------ readers
