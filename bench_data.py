@@ -142,7 +142,8 @@ def main(argv=None) -> None:
 
     import tokenizer
     import weights
-    from data import DataConfig, _content, _sources, load_documents
+    from data import DataConfig, load_documents
+    from token_store import _content, _sources
 
     copies = sorted(int(c) for c in args.copies.split(","))
     cache_dir = str(args.work / "cache")
@@ -186,13 +187,14 @@ def main(argv=None) -> None:
 
 def report(r: dict) -> str:
     lines = [f"Tokenising: {r['tokens']:,} tokens ({r['text_bytes'] / 1e9:.2f} GB of text) in {r['tokenise_s']:.0f} s "
-             f"= {r['tokens_per_s']:,.0f} tokens/s on {r['cpus']} cores (hashing the files first: {r['hash_s']:.0f} s); "
-             f"{r['tokens_per_cpu_s']:,.0f} tokens per CPU-second; load average {r['load_before'][0]:.1f} before, "
-             f"{r['load_after'][0]:.1f} after",
+             f"= {r['tokens_per_s']:,.0f} tokens/s on {r['cpus']} cores (hashing the files first: "
+             f"{r['hash_s']:.0f} s); {r['tokens_per_cpu_s']:,.0f} tokens per CPU-second; load average "
+             f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after",
              f"Loader, one process reading every window: {r['loader']['windows_per_s']:,.0f} windows/s of {SEQ_LEN} "
              f"= {r['loader']['tokens_per_s'] / 1e6:,.1f}M tokens/s",
              "", "| corpus | tokens | documents | RSS after open (MiB) | RSS streaming, peak | anon | file-backed | "
-             "windows/s (rank 0 of 8) | resume: open + stream + seek (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "windows/s (rank 0 of 8) | resume: open + stream + seek (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, s in r["stream"].items():
         res = r["resume"][n]
         lines.append(f"| x{n} | {s['corpus_tokens']:,} | {s['documents']:,} | {s['mem_after_open']['VmRSS']:.0f} | "

@@ -1,4 +1,5 @@
-"""data.py: reading and caching corpora, and the packed, upsampled, resumable stream; Tokenizer.encode_ordinary."""
+"""data.py and token_store.py: reading corpora into token stores, and the packed, upsampled, resumable stream;
+Tokenizer.encode_ordinary."""
 import functools
 import hashlib
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-import data
+import token_store
 import tokenizer as tokenizers
 from data import DataConfig, PackedStream, load_documents
 from errors import UserError
@@ -354,7 +355,7 @@ def store_files(cache) -> dict[str, bytes]:
 
 
 def test_processes_write_the_stores_one_process_writes(tok, tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(data, "TASK_BYTES", 300)  # many small tasks
+    monkeypatch.setattr(token_store, "TASK_BYTES", 300)  # many small tasks
     paths = pin_corpus(tmp_path / "corpus")
     stores = []
     for n_proc in (1, 2):
@@ -368,7 +369,7 @@ def test_processes_write_the_stores_one_process_writes(tok, tmp_path, monkeypatc
 
 
 def test_interrupted_tokenising_resumes_with_the_finished_tasks(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TASK_BYTES", 1)  # a task per file
+    monkeypatch.setattr(token_store, "TASK_BYTES", 1)  # a task per file
     root = write_corpus(tmp_path / "corpus")
     cfg = DataConfig(paths=[str(root / "books"), str(root / "code.jsonl")], num_proc=1,
                      cache_dir=str(tmp_path / "cache"))
@@ -391,13 +392,14 @@ def test_interrupted_tokenising_resumes_with_the_finished_tasks(tok, tmp_path, m
 
 def test_large_jsonl_and_parquet_are_cut_into_tasks_in_order(tok, tmp_path, monkeypatch):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
-    monkeypatch.setattr(data, "TASK_BYTES", 200)
+    monkeypatch.setattr(token_store, "TASK_BYTES", 200)
     texts = [pin_text(i, 3 + i % 17) for i in range(50)]
     (tmp_path / "lines.jsonl").write_text("\n\n".join(json.dumps({"text": t}) for t in texts) + "\n")
     pq.write_table(pa.table({"text": texts}), tmp_path / "table.parquet", row_group_size=7)
     cfg = DataConfig(paths=[str(tmp_path / "lines.jsonl"), str(tmp_path / "table.parquet")], num_proc=1,
                      cache_dir=str(tmp_path / "cache"))
-    plans = [data._plan(s, data._content(s, cfg), cfg, "tok") for s in data._sources(cfg.paths)]
+    sources = token_store._sources(cfg.paths)
+    plans = [token_store._plan(s, token_store._content(s, cfg), cfg, "tok") for s in sources]
     assert min(len(p) for p in plans) > 3 and [sum(t.docs for t in p) for p in plans] == [50, 50]
     docs = load_documents(cfg, tok)
     assert [tok.decode(d) for d in docs["lines"]] == texts == [tok.decode(d) for d in docs["table"]]
@@ -426,8 +428,8 @@ class FakeHub:
 
         self.calls = 0
         self.stream = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=3)
-        monkeypatch.setattr(data, "_hub_commit", lambda name: commit)
-        monkeypatch.setattr(data, "_hub_stream", self.open)
+        monkeypatch.setattr(token_store, "_hub_commit", lambda name: commit)
+        monkeypatch.setattr(token_store, "_hub_stream", self.open)
 
     def open(self, name, config, split, revision):
         assert (name, config, split, revision) == ("someone/stories", None, "train", "c0ffee")
@@ -443,8 +445,8 @@ def test_hub_dataset_is_streamed_once_then_read_offline(tok, tmp_path, monkeypat
     assert [tok.decode(d) for d in load_documents(cfg, tok)["stories"]] == texts  # shards in order
     assert hub.calls == 4  # its shards counted, then each of the 3 read
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(data, "_hub_commit", lambda name: pytest.fail("asked the Hub while offline"))
-    monkeypatch.setattr(data, "_hub_stream", lambda *args: pytest.fail("streamed while offline"))
+    monkeypatch.setattr(token_store, "_hub_commit", lambda name: pytest.fail("asked the Hub while offline"))
+    monkeypatch.setattr(token_store, "_hub_stream", lambda *args: pytest.fail("streamed while offline"))
     assert [tok.decode(d) for d in load_documents(cfg, tok)["stories"]] == texts  # from the token store
     cfg.cache_dir = str(tmp_path / "empty")
     with pytest.raises(UserError, match="must be streamed from the Hugging Face Hub once, and this machine is "
@@ -472,7 +474,8 @@ def test_bad_input_is_one_sentence_and_leaves_no_half_written_store(tok, tmp_pat
 
 RSS_SCRIPT = """
 import json, sys, numpy as np
-from data import PackedStream, split_documents
+from data import PackedStream
+from token_store import split_documents
 docs = split_documents(sys.argv[1], "train", 0.0)
 stream = PackedStream({"synthetic": docs}, 32768, seed=0, upsample_long=5, long_doc_tokens=8192, suffix=[0])
 for _ in range(60):
@@ -492,7 +495,7 @@ def test_resident_memory_stays_flat_as_the_corpus_grows(tmp_path):
     for n_tokens in (10_000_000, 100_000_000):
         lengths = np.diff([0, *np.unique(rng.integers(1, n_tokens, n_tokens // 20_000)), n_tokens])  # 20K on average
         chunks = ((rng.integers(10, 50_000, n, dtype=np.uint16), [n], [k]) for k, n in enumerate(lengths))
-        data.write_store(tmp_path / str(n_tokens), chunks, np.uint16, {})
+        token_store.write_store(tmp_path / str(n_tokens), chunks, np.uint16, {})
         stores[n_tokens] = tmp_path / str(n_tokens)
     runs = [subprocess.Popen([sys.executable, "-c", RSS_SCRIPT, str(store)], cwd=ROOT, stdout=subprocess.PIPE,
                              text=True) for store in stores.values()]
