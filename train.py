@@ -10,7 +10,8 @@ checkpointing -> compile -> fully_shard), then train with AdamW, warm-up and a c
 accumulation and clipping. Checkpoints (torch.distributed.checkpoint, checkpoint.py) hold the model, optimizer,
 schedule, data position and RNG; one is written to `step_N.tmp` and renamed when complete, so a crash mid-save leaves
 the last one intact, and `--resume` continues bit for bit. At the end the model is exported as one longgen checkpoint
-that `generate.py --checkpoint` loads. A run locks its out_dir: a second one on the same out_dir is refused.
+that `generate.py --checkpoint` loads, and with `--export-hf DIR` also as a Hugging Face Llama directory. A run locks
+its out_dir: a second one on the same out_dir is refused.
 """
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # for MFU; default: from the GPU's name
     # bookkeeping
     out_dir: str = "runs/longgen"
+    export_hf: str | None = None  # also write the final model here as a Hugging Face Llama directory (--export-hf)
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2  # the newest complete checkpoints kept; 0: all
     eval_every: int = 0  # 0: never (needs data.eval_fraction > 0)
@@ -299,12 +301,15 @@ def step_flops(model_cfg, n_params: int, doc_ids, doc_masking: bool) -> float:
 
 # ------------------------------------------------------------------------------------------------ export
 def export(out_dir: Path, model, model_cfg, tok, step: int, cfg: TrainConfig) -> Path:
-    """Gather the full weights on rank 0 and write one longgen checkpoint (layout included) for generate.py."""
+    """Gather the full weights on rank 0 and write one longgen checkpoint (layout included) for generate.py, and the
+    Hugging Face export if cfg.export_hf names a directory."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     target, full = out_dir / "final", None
     if dist.get_rank() == 0:
         try:
             weights.save_checkpoint(target, model_cfg, state, tok, extra={"trained_steps": step, "recipe": asdict(cfg)})
+            if cfg.export_hf:
+                weights.export_hf(cfg.export_hf, model_cfg, state, tok)
         except Exception as e:
             if not checkpoint.disk_full(e, out_dir):
                 raise
@@ -493,8 +498,11 @@ def main(argv=None) -> None:
                         "damaged ones are renamed step_N.damaged)")
     p.add_argument("--baseline", choices=("longgen", "full"), help="shorthand for baseline=...")
     p.add_argument("--export", action="store_true", help="only export the last checkpoint as a longgen model")
+    p.add_argument("--export-hf", metavar="DIR", help="also write the final model to DIR as a Hugging Face Llama "
+                   "(config.json + model.safetensors; transformers runs every layer full, longgen keeps the layout)")
     args = p.parse_args(argv)
-    overrides = list(args.overrides) + ([f"baseline={args.baseline}"] if args.baseline else [])
+    overrides = list(args.overrides) + ([f"baseline={args.baseline}"] if args.baseline else []) + \
+        ([f"export_hf={args.export_hf}"] if args.export_hf else [])
     train(load_config(TrainConfig, args.config, overrides), args.resume, args.export, args.resume_from_last_good)
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +250,8 @@ def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
                  ffn_dim=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta,
                  rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", 4096),
                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if isinstance(hf.get("longgen"), dict):  # written by export_hf: the layout and the sparse patterns
+        cfg = _with_layout(cfg, hf["longgen"], directory / "config.json")
     state_dict = {}
     for file in _safetensors_files(directory):
         for name, w in _load_safetensors(file).items():
@@ -391,6 +393,70 @@ def clean_leftovers(directory: Path) -> None:
     for tmp in directory.parent.glob(f".{directory.name}.*"):
         if tmp.is_dir() and tmp != old:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Hugging Face out: a Llama directory transformers loads. Its Llama attends fully in every layer; the LongGen layout
+# and pattern settings go in config.json's "longgen" entry, which read_hf applies.
+LAYOUT_KEYS = ("attn", "n_sink", "window", "block", "local_blocks", "stride", "mask_block")
+
+
+def export_hf(directory, cfg: Config, state_dict: dict[str, torch.Tensor], tokenizer=None) -> None:
+    """Write `directory` as a Hugging Face Llama checkpoint: config.json and model.safetensors (transformers' names,
+    q/k/v and gate/up unfused), plus the tokenizer's files for longgen. Atomic, as save_checkpoint."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    ours_to_hf = {ours: hf for hf, ours in HF_NAMES.items()}
+    weights = {}
+    for name, w in state_dict.items():
+        w = w.detach().contiguous().cpu()
+        if name.startswith("layers."):
+            _, layer, rest = name.split(".", 2)
+            module, prefix = rest.rsplit(".", 1)[0], f"model.layers.{layer}."
+            if module == "attention.wqkv":
+                for part, piece in zip(("q", "k", "v"), w.split([q, kv, kv])):
+                    weights[f"{prefix}self_attn.{part}_proj.weight"] = piece.contiguous()
+            elif module == "feed_forward.w13":
+                for part, piece in zip(("gate", "up"), w.chunk(2)):
+                    weights[f"{prefix}mlp.{part}_proj.weight"] = piece.contiguous()
+            else:
+                weights[f"{prefix}{ours_to_hf[module]}.weight"] = w
+        elif name != "output.weight" or not cfg.tie_embeddings:
+            weights[{"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+                     "output.weight": "lm_head.weight"}[name]] = w
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if (scaling := cfg.rope_scaling) is not None:
+        rope |= {"rope_type": scaling.kind, "factor": scaling.factor}
+        if scaling.kind == "llama3":
+            rope |= {"low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+                     "original_max_position_embeddings": scaling.original_max_seq_len}
+    dtype = next(iter(weights.values())).dtype
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+              "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+              "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+              "mlp_bias": False, "dtype": str(dtype).removeprefix("torch."),
+              "bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None),
+              "longgen": {"format": FORMAT_VERSION, **{k: v for k, v in config_to_dict(cfg).items()
+                                                       if k in LAYOUT_KEYS}}}
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _with_layout(cfg: Config, layout: dict, source: Path) -> Config:
+    """cfg with the layout and pattern settings export_hf recorded."""
+    if layout.get("format") != FORMAT_VERSION or set(layout) - {"format", *LAYOUT_KEYS}:
+        raise UserError(f"The \"longgen\" entry of {source} is not one this code wrote (format {FORMAT_VERSION}, "
+                        f"keys {', '.join(LAYOUT_KEYS)}); remove it to load the model with every layer full.")
+    return replace(cfg, **{k: v for k, v in layout.items() if k != "format"})
 
 
 def _read_json(path: Path) -> dict:

@@ -351,3 +351,22 @@ def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
     with pytest.raises(train_py.UserError, match="4 processes on this machine but only 2 GPUs; start at most "
                                                  "--nproc_per_node=2"):
         train_py.init_distributed()
+
+
+def test_save_to_disk_corpus_trains_and_exports_to_transformers(tmp_path, corpus):
+    """A Dataset.save_to_disk directory is a source of the 2-process run; --export-hf writes a model transformers
+    loads with our logits (every layer full, --baseline full)."""
+    datasets = pytest.importorskip("datasets")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    texts = [p.read_text() for p in sorted((corpus / "novels").glob("*.txt"))]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "novels_hf"))
+    records = train(tmp_path / "run", corpus, f"data.paths=[{tmp_path / 'novels_hf'},{corpus / 'manuals'}]",
+                    "steps=2", "--baseline", "full", "--export-hf", str(tmp_path / "hf"))
+    assert set(records[0]["data"]["sources"]) == {"novels_hf", "manuals"} and records[0]["world_size"] == 2
+    ours, _ = longgen.load(tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, ours.cfg.vocab_size, (1, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=2e-5, rtol=1e-4)

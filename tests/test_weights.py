@@ -18,7 +18,7 @@ import tokenizer as tokenizers
 import weights
 from conftest import ROOT
 from errors import UserError
-from model import Config, Transformer, build, preset
+from model import Config, RopeScaling, Transformer, build, preset
 
 
 @pytest.fixture
@@ -279,3 +279,70 @@ def test_weight_shapes_are_the_models():
             model = Transformer(cfg)
         assert weights.weight_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()
                                               if not (cfg.tie_embeddings and k == "output.weight")}
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face out
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_embeddings": True, "n_kv_heads": 4},
+    {"rope_scaling": RopeScaling("linear", 4.0), "rope_theta": 50000.0},
+    {"rope_scaling": RopeScaling("llama3", 8.0, 1.0, 4.0, 64), "rope_theta": 500000.0},
+])
+def test_hf_export_loads_in_transformers_with_our_logits(tmp_path, overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=300, **overrides)
+    ours = build(cfg)
+    with torch.no_grad():  # random norms, so that a swapped norm weight shows
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    weights.export_hf(tmp_path / "hf", cfg, ours.state_dict())
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 300, (2, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), atol=2e-5, rtol=1e-4)
+    cfg2, state_dict = weights.read_checkpoint(tmp_path / "hf")
+    assert cfg2 == cfg  # and back, exactly
+    back = build(cfg2, state_dict).state_dict()
+    assert all(torch.equal(back[name], w) for name, w in ours.state_dict().items())
+
+
+def test_hf_export_of_a_longgen_model_keeps_its_layout(tmp_path, smollm2_gguf):
+    """transformers computes full attention in every layer of an exported LongGen model: its logits are those of our
+    model with the layout made full. longgen.load reads the layout, pattern, weights and tokenizer back exactly."""
+    from transformers import AutoModelForCausalLM
+
+    import tokenizer as tokenizers
+
+    tok = tokenizers.load(smollm2_gguf)
+    torch.manual_seed(0)
+    cfg = longgen.convert(preset("tiny", vocab_size=tok.n_vocab), sparse="strided", rope_theta=40000.0, window=40,
+                          stride=8, local_blocks=2, block=8)
+    model = build(cfg)
+    weights.export_hf(tmp_path / "hf", cfg, model.state_dict(), tok)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["longgen"]["attn"] == list(cfg.attn) and config["longgen"]["stride"] == 8
+    loaded, tok2 = longgen.load(tmp_path / "hf")
+    assert loaded.cfg == cfg and tok2.encode("The long context") == tok.encode("The long context")
+    for name, w in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], w), name
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, tok.n_vocab, (1, 160))
+    with torch.no_grad():
+        sparse, full = model(tokens), longgen.full_attention(build(cfg, model.state_dict()))(tokens)
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, full, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(theirs[:, 100:], sparse[:, 100:], atol=1e-3)  # past the window: not LongGen's
+
+
+def test_hf_export_with_a_foreign_longgen_entry_is_one_sentence(tmp_path):
+    cfg = preset("tiny")
+    weights.export_hf(tmp_path / "hf", cfg, build(cfg).state_dict())
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["longgen"]["format"] = 99
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="remove it to load the model with every layer full"):
+        weights.read_checkpoint(tmp_path / "hf")
