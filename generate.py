@@ -60,8 +60,31 @@ def check_args(args) -> None:
     cli.check_model_args(args)
 
 
+def read_prompt(args) -> str:
+    if args.prompt_file is None:
+        text = args.prompt
+    else:
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"Prompt file {args.prompt_file} does not exist; check the path.") from None
+        except UnicodeDecodeError:
+            raise UserError(f"Prompt file {args.prompt_file} is not UTF-8 text; save it as UTF-8.") from None
+        except OSError as e:
+            raise UserError(f"Cannot read prompt file {args.prompt_file} ({e.strerror}); check the path.") from None
+    if not text.strip():
+        raise UserError("The prompt is empty; give some text with --prompt or --prompt-file.")
+    return text
+
+
+def check_early() -> None:
+    args = parse_args()
+    check_args(args)
+    read_prompt(args)
+
+
 if __name__ == "__main__":  # parsed before torch is imported: --help and a mistyped option answer at once
-    run_cli(lambda: check_args(parse_args()))
+    run_cli(check_early)
 
 import torch  # noqa: E402
 
@@ -217,23 +240,6 @@ def stream_text(model, tok, prompt: str, max_new_tokens: int, *, chat: bool = Fa
 
 
 # ------------------------------------------------------------------------------------------------ main
-def read_prompt(args) -> str:
-    if args.prompt_file is None:
-        text = args.prompt
-    else:
-        try:
-            text = args.prompt_file.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"Prompt file {args.prompt_file} does not exist; check the path.") from None
-        except UnicodeDecodeError:
-            raise UserError(f"Prompt file {args.prompt_file} is not UTF-8 text; save it as UTF-8.") from None
-        except OSError as e:
-            raise UserError(f"Cannot read prompt file {args.prompt_file} ({e.strerror}); check the path.") from None
-    if not text.strip():
-        raise UserError("The prompt is empty; give some text with --prompt or --prompt-file.")
-    return text
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)

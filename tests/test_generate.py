@@ -183,7 +183,7 @@ def test_layout_options_reach_the_model():
     model = tiny_model()
     cli.apply_layout(model, layout_args("--layout", "longgen", "--sparse", "strided", "--stride", "8",
                                         "--local-blocks", "3", "--placement", "top", "--full-fraction", "0.5"))
-    assert model.cfg.attn == ("strided",) * 3 + ("full",) * 3
+    assert model.cfg.attn == ("strided",) * 2 + ("full",) * 4  # 1 sparse layer per side of the half, all at the bottom
     assert (model.cfg.stride, model.cfg.local_blocks) == (8, 3)
     cli.apply_layout(model, layout_args("--layout", "longgen", "--window", "32", "--sinks", "0"))
     assert model.cfg.attn == ("sink_window",) * 2 + ("full",) * 2 + ("sink_window",) * 2
