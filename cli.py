@@ -175,6 +175,6 @@ def same_layout(a, b) -> bool:
 def untrained_warning(before) -> str:
     trained = "every layer full" if set(before.attn) == {"full"} else "another layout"
     return (f"warning: --layout longgen converts a model trained with {trained} without training it: the KV cache "
-            "shrinks and long prompts run faster, but the sparse layers lose every token outside their pattern, so "
-            "long-range retrieval breaks (a passkey beyond the window is not found); a model trained with the "
-            "layout (train.py) is what LongGen gives.")
+            "shrinks (and on a GPU long prompts run faster), but the sparse layers lose every token outside their "
+            "pattern, so long-range retrieval breaks (a passkey beyond the window is not found); a model trained "
+            "with the layout (train.py) is what LongGen gives.")
