@@ -67,8 +67,8 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("attention layout (the pattern options need --layout longgen)")
     g.add_argument("--layout", choices=LAYOUTS, default="checkpoint",
                    help="as the checkpoint records it (default), every layer full, or converted to LongGen's hybrid; "
-                        "converting a model not trained for it saves memory and time but breaks long-range "
-                        "retrieval (README)")
+                        "converting a model not trained for it saves memory (and on a GPU time) but breaks "
+                        "long-range retrieval (README)")
     g.add_argument("--sparse", choices=sparse_kinds(), help="the sparse layers' pattern (default sink_window)")
     g.add_argument("--placement", choices=names("longgen", "PLACEMENTS"),
                    help="where the full-attention layers go (default middle, the paper's)")
@@ -99,9 +99,9 @@ def check_model_args(args) -> None:
 
 def check_layout_args(args) -> None:
     """Refuse a layout option that would have no effect, and values out of range, each in one sentence."""
-    given = [flag for flag, (attr, *_) in [("--sparse", ("sparse",)), ("--placement", ("placement",)),
-                                           ("--full-fraction", ("full_fraction",)), *PATTERN_OPTIONS.items()]
-             if getattr(args, attr) is not None]
+    options = {"--sparse": "sparse", "--placement": "placement", "--full-fraction": "full_fraction",
+               **{flag: attr for flag, (attr, *_) in PATTERN_OPTIONS.items()}}
+    given = [flag for flag, attr in options.items() if getattr(args, attr) is not None]
     if given and args.layout != "longgen":
         raise UserError(f"{given[0]} applies only with --layout longgen; add --layout longgen or drop {given[0]}.")
     sparse = args.sparse or "sink_window"
@@ -169,7 +169,8 @@ RELEVANT = {"sink_window": ("n_sink", "window"), "strided": ("block", "local_blo
 
 def same_layout(a, b) -> bool:
     """Whether two configs give every layer the same attention (kind, and the settings its pattern reads)."""
-    return a.attn == b.attn and all(getattr(a, f) == getattr(b, f) for kind in set(b.attn) for f in RELEVANT.get(kind, ()))
+    return a.attn == b.attn and all(getattr(a, name) == getattr(b, name)
+                                    for kind in set(b.attn) for name in RELEVANT.get(kind, ()))
 
 
 def untrained_warning(before) -> str:
