@@ -2,52 +2,124 @@
 perplexity by position, for any checkpoint the loader reads, natively or with a post-hoc KV-cache reduction.
 
     python eval.py --tasks passkey,niah,ruler,babilong --lengths 2k,4k,8k [--checkpoint PATH] [--samples 5]
-                   [--depths 10] [--kv-policy none|streaming|h2o|snapkv --kv-budget N] [--ppl-data DIR] [--out DIR]
+                   [--depths 5] [--kv-policy none|streaming|h2o|snapkv --kv-budget N] [--ppl-data DIR] [--out DIR]
 
-Greedy decoding everywhere. Writes results.json (every sample), results.md (mean score x 100 per task and length,
-with RULER's effective length) and a depth x length heatmap per retrieval task. Every substitution for data that
-cannot be had offline is listed in the report (shared/docs/EVALS.md).
+Greedy decoding everywhere. Writes into --out: results.json (every sample, and the run: device, date, command, code
+version, wall time, torch version), results.md (mean score x 100 per task and length, with RULER's effective length)
+and a depth x length heatmap per retrieval task. EVALUATION.md defines the benchmarks; every substitution for data
+that cannot be had offline is listed in the report.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
+import platform
+import shlex
+import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
-import generate as gen
-import kv_policies
-import longgen
+import cli
 from config import parse_length
 from errors import UserError, run_cli
-from eval_tasks import Task, tasks_for
 
 RULER_THRESHOLD = 85.6  # RULER's effective length: the longest length whose mean score stays above this
+REPORT_FILES = ("results.json", "results.md", "passkey_heatmap.png", "niah_heatmap.png")
 
 
+# ------------------------------------------------------------------------------------------------ command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="passkey,niah,ruler,babilong",
+                   help="comma-separated: passkey, niah, ruler (all RULER tasks) or ruler/NAME, babilong or "
+                        "babilong/qaN (default: all)")
+    p.add_argument("--lengths", default="2k,4k,8k", help="context lengths in tokens, e.g. 2k,4k,8k (default), at "
+                                                         "most the model's context")
+    p.add_argument("--samples", type=int, default=5, help="samples per task and length (and depth) (default 5)")
+    p.add_argument("--depths", type=int, default=5, help="needle depths for passkey and niah, an even grid "
+                                                         "(default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    p.add_argument("--kv-policy", choices=cli.names("kv_policies", "POLICIES"), default="none",
+                   help="post-hoc KV reduction, applied to a full-attention model (default none)")
+    p.add_argument("--kv-budget", type=int, help="with --kv-policy: tokens kept per layer and head (default: the "
+                                                 "model's sink + window, 2,112 as LongGen's)")
+    p.add_argument("--batch", type=int, help="prompts decoded together, with --kv-policy none or streaming "
+                                             "(default 4); h2o and snapkv run one at a time")
+    p.add_argument("--ppl-data", nargs="*", type=Path, default=[],
+                   help="documents (files or directories) for perplexity by position, at each length")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="directory for the report (default runs/eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    cli.add_model_args(p)
+    return p.parse_args(argv)
+
+
+def check_args(args) -> list[int]:
+    """Every check that needs neither torch nor the model, so that a mistake is reported before the evaluation
+    starts instead of after it; returns the lengths."""
+    if not [name for name in args.tasks.split(",") if name.strip()]:
+        raise UserError(f"--tasks {args.tasks!r} names no task; give e.g. --tasks passkey,niah.")
+    if not [x for x in args.lengths.split(",") if x.strip()]:
+        raise UserError(f"--lengths {args.lengths!r} names no length; give e.g. --lengths 2k,4k.")
+    lengths = [parse_length(x) for x in args.lengths.split(",") if x.strip()]
+    if min(lengths) < 0:
+        raise UserError(f"--lengths must be numbers of tokens of 0 or more (got {min(lengths)}).")
+    if min(args.samples, args.depths) < 1 or (args.batch is not None and args.batch < 1):
+        raise UserError("--samples, --depths and --batch must be at least 1.")
+    cli.check_seed(args.seed)
+    if args.kv_policy == "none" and args.kv_budget is not None:
+        raise UserError("--kv-budget applies only with --kv-policy streaming, h2o or snapkv; add one or drop "
+                        "--kv-budget.")
+    if args.kv_budget is not None and args.kv_budget < 1:
+        raise UserError(f"--kv-budget must be at least 1 token (got {args.kv_budget}).")
+    if args.kv_policy in ("h2o", "snapkv") and args.batch is not None:
+        raise UserError(f"--batch has no effect with --kv-policy {args.kv_policy}, which runs one prompt at a time; "
+                        "drop --batch.")
+    if args.kv_policy != "none" and args.layout == "longgen":
+        raise UserError("KV policies are applied to full-attention models; use --layout full instead of longgen.")
+    for path in args.ppl_data:
+        if not path.exists():
+            raise UserError(f"--ppl-data {path} does not exist; check the path.")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give a directory for the report.")
+    existing = [name for name in REPORT_FILES if (args.out / name).exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"--out {args.out} already holds a report ({existing[0]}); choose another --out or add "
+                        "--overwrite to replace it.")
+    cli.check_model_args(args)
+    return lengths
+
+
+if __name__ == "__main__":  # parsed before torch is imported: --help and a mistyped option answer at once
+    run_cli(lambda: check_args(parse_args()))
+
+import torch  # noqa: E402
+
+import generate as gen  # noqa: E402
+import kv_policies  # noqa: E402
+from eval_tasks import Task, tasks_for  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
 def answer(model, tok, prompts: list[list[int]], max_new_tokens: int, policy: str, budget: int) -> list[str]:
     """Greedy answers to a batch of prompts (one at a time for the scored KV policies)."""
     if policy in ("h2o", "snapkv"):
         outs = [kv_policies.generate(model, p, max_new_tokens, policy, budget, stop_ids=tok.stop_ids) for p in prompts]
-    else:
-        outs = [[] for _ in prompts]
-        for step in gen.generate(model, prompts, max_new_tokens, stop_ids=tok.stop_ids):
-            for row, token in enumerate(step.tolist()):
-                if not (outs[row] and outs[row][-1] in tok.stop_ids):
-                    outs[row].append(token)
-    return [tok.decode([t for t in ids if t not in tok.stop_ids]) for ids in outs]
+        return [tok.decode([t for t in ids if t not in tok.stop_ids]) for ids in outs]
+    return gen.complete(model, tok, prompts, max_new_tokens)
 
 
-def run_task(model, tok, task: Task, length: int, args, depths) -> list[dict]:
+def run_task(model, tok, task: Task, length: int, args, depths, bar=None) -> list[dict]:
+    """Every sample of one task at one length; `bar` (tqdm) advances by each batch's samples."""
     samples = [task.sample(length, i, args.seed, tok, depth=d) for d in depths for i in range(args.samples)]
     records = []
     for a in range(0, len(samples), args.batch):
         batch = samples[a:a + args.batch]
-        prompts = [tok.encode(s.prompt) for s in batch]
+        prompts = [gen.encode_prompt(tok, s.prompt) for s in batch]
         if max(map(len, prompts)) + max(s.max_new_tokens for s in batch) > model.cfg.max_seq_len:
             raise UserError(f"{task.name} at {length} tokens does not fit the model's context of "
                             f"{model.cfg.max_seq_len}; drop that length.")
@@ -55,6 +127,8 @@ def run_task(model, tok, task: Task, length: int, args, depths) -> list[dict]:
         for s, prompt, prediction in zip(batch, prompts, predictions):
             records.append({**s.meta, "task": task.name, "length": length, "prompt_tokens": len(prompt),
                             "answers": s.answers, "prediction": prediction, "score": task.score(prediction, s)})
+        if bar is not None:
+            bar.update(len(batch))
     return records
 
 
@@ -86,9 +160,13 @@ def report(results: list[dict], lengths: list[int], header: dict, ppl: dict, sub
     lines = [f"# Evaluation: {header['checkpoint']}", "",
              f"Layout: {header['layout']}. KV policy: {header['kv_policy']}"
              + (f" at {header['kv_budget']} tokens per layer and head." if header["kv_policy"] != "none" else "."),
-             f"Samples per task and length: {header['samples']}; seed {header['seed']}; greedy decoding.", "",
-             "| task | " + " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths) + " | mean |",
-             "|---|" + "---|" * (len(lengths) + 1)]
+             f"Samples per task and length: {header['samples']}; seed {header['seed']}; greedy decoding.", ""]
+    if "device" in header:  # the run's record, as EVALUATION.md gives it with every number
+        lines += [f"- Device: {header['device']}; torch {header['torch']}.",
+                  f"- Date: {header['date']}; the run took {header['wall_s']:.0f} s.",
+                  f"- Command: `{header['command']}`", f"- Code: {header['code']}.", ""]
+    lines += ["| task | " + " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths) + " | mean |",
+              "|---|" + "---|" * (len(lengths) + 1)]
     groups = {"ruler": [t for t in tasks if t.startswith("ruler/")],
               "babilong": [t for t in tasks if t.startswith("babilong/")]}
     rows = tasks + [f"{g} (mean)" for g, members in groups.items() if members]
@@ -110,8 +188,9 @@ def report(results: list[dict], lengths: list[int], header: dict, ppl: dict, sub
     return "\n".join(lines) + "\n"
 
 
-def heatmap(results: list[dict], task: str, path: Path) -> None:
-    """Mean score by depth (rows) and length (columns), as in gkamradt's needle-in-a-haystack plots."""
+def heatmap(results: list[dict], task: str, path: Path) -> bool:
+    """Mean score by depth (rows) and length (columns), as in gkamradt's needle-in-a-haystack plots; False when the
+    task was not run (nothing drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +201,7 @@ def heatmap(results: list[dict], task: str, path: Path) -> None:
         if r["task"] == task and r.get("depth") is not None:
             cells[round(r["depth"], 3), r["length"]].append(r["score"])
     if not cells:
-        return
+        return False
     depths, lengths = sorted({d for d, _ in cells}), sorted({n for _, n in cells})
     grid = [[100 * sum(cells[d, n]) / len(cells[d, n]) if cells[d, n] else math.nan for n in lengths] for d in depths]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
@@ -134,78 +213,107 @@ def heatmap(results: list[dict], task: str, path: Path) -> None:
     ax.set_title(f"{task}: score")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
+    return True
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, help="default: SmolLM2-135M-Instruct")
-    p.add_argument("--tasks", default="passkey,niah,ruler,babilong",
-                   help="comma-separated: passkey, niah, ruler (all RULER tasks) or ruler/NAME, babilong or "
-                        "babilong/qaN")
-    p.add_argument("--lengths", default="2k,4k,8k", help="context lengths in tokens, e.g. 2k,4k,8k")
-    p.add_argument("--samples", type=int, default=5, help="samples per task and length (and depth)")
-    p.add_argument("--depths", type=int, default=5, help="needle depths for passkey and niah (an even grid)")
-    p.add_argument("--kv-policy", choices=kv_policies.POLICIES, default="none",
-                   help="post-hoc KV reduction, applied to a full-attention model")
-    p.add_argument("--kv-budget", type=int, help="tokens kept per layer and head (default: the sink + window of "
-                                                 "the LongGen pattern, 2,112)")
-    p.add_argument("--layout", choices=("checkpoint", "full", "longgen"), default="checkpoint")
-    p.add_argument("--sparse", choices=longgen.SPARSE_KINDS, default="sink_window")
-    p.add_argument("--ppl-data", nargs="*", default=[], help="documents for perplexity by position (files/dirs)")
-    p.add_argument("--batch", type=int, default=4, help="prompts decoded together (policy none or streaming)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/eval"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=gen.DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
-    return p.parse_args(argv)
+# ------------------------------------------------------------------------------------------------ the run's record
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def code_version() -> str:
+    """The git commit of this code (with "+ uncommitted changes" when the tree differs from it), else the installed
+    package's version."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return f"git {commit}" + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib import metadata
+
+    try:
+        return f"longgen {metadata.version('longgen')}"
+    except metadata.PackageNotFoundError:
+        return "unknown (neither a git checkout nor an installed package)"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all: into a temporary sibling, renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    lengths = check_args(args)
     tasks = tasks_for(args.tasks)
-    if min(args.samples, args.depths, args.batch) < 1:
-        raise UserError("--samples, --depths and --batch must be at least 1.")
-    dtype = gen.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
-                                                       else torch.float32)
-    model, tok = longgen.load(args.checkpoint, device=args.device, dtype=dtype)
-    if args.layout == "full":
-        longgen.full_attention(model)
-    elif args.layout == "longgen":
-        longgen.convert(model, sparse=args.sparse)
+    if args.kv_policy == "streaming" and args.kv_budget is not None and args.kv_budget <= kv_policies.N_SINK:
+        raise UserError(f"--kv-budget must be more than StreamingLLM's {kv_policies.N_SINK} sink tokens "
+                        f"(got {args.kv_budget}).")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Cannot create --out {args.out} ({e.strerror}); choose another directory.") from None
+    t0, started = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
+    model, tok = cli.load_model(args)
+    if max(lengths) > model.cfg.max_seq_len:
+        raise UserError(f"--lengths {max(lengths)} exceeds the model's context of {model.cfg.max_seq_len} tokens; "
+                        f"give lengths up to {model.cfg.max_seq_len}.")
     args.kv_budget = args.kv_budget or model.cfg.n_sink + model.cfg.window
+    args.batch = 1 if args.kv_policy in ("h2o", "snapkv") else (args.batch or 4)
     if args.kv_policy != "none":
         if set(model.cfg.attn) != {"full"}:
             raise UserError("KV policies are applied to full-attention models; add --layout full.")
         if args.kv_policy == "streaming":
             model.cfg = kv_policies.streaming_config(model.cfg, args.kv_budget)
+    ppl = {n: perplexity(model, tok, [str(p) for p in args.ppl_data], n) for n in lengths} if args.ppl_data else {}
     grid = [(d + 0.5) / args.depths for d in range(args.depths)]
     results = []
     from tqdm import tqdm
 
-    with tqdm(total=len(tasks) * len(lengths), desc="evaluating", unit="task") as bar:
+    total = sum(args.samples * (args.depths if t.takes_depth else 1) for t in tasks) * len(lengths)
+    with tqdm(total=total, desc="evaluating", unit="sample") as bar:
         for task in tasks:
             for length in lengths:
                 bar.set_postfix(task=task.name, length=length)
-                results += run_task(model, tok, task, length, args, grid if task.takes_depth else [None])
-                bar.update(1)
-    ppl = {n: perplexity(model, tok, args.ppl_data, n) for n in lengths} if args.ppl_data else {}
+                results += run_task(model, tok, task, length, args, grid if task.takes_depth else [None], bar)
+    run = dict(device=device_name(args.device), torch=torch.__version__, date=started.isoformat(timespec="seconds"),
+               command=shlex.join(["python", "eval.py", *argv]), code=code_version(),
+               wall_s=round(time.perf_counter() - t0, 1))
     header = dict(checkpoint=str(args.checkpoint or "SmolLM2-135M-Instruct (default)"),
                   layout=", ".join(f"{model.cfg.attn.count(k)} {k}" for k in dict.fromkeys(model.cfg.attn)),
                   kv_policy=args.kv_policy, kv_budget=args.kv_budget, samples=args.samples, seed=args.seed,
-                  lengths=lengths)
-    args.out.mkdir(parents=True, exist_ok=True)
+                  lengths=lengths, **run)
     substitutions = {t.name: list(t.substitutions) for t in tasks}
-    (args.out / "results.json").write_text(json.dumps(dict(header=header, substitutions=substitutions,
-                                                           perplexity=ppl, results=results), indent=1))
+    write_atomic(args.out / "results.json", json.dumps(dict(header=header, substitutions=substitutions,
+                                                            perplexity=ppl, results=results), indent=1).encode())
     text = report(results, lengths, header, ppl, substitutions)
-    (args.out / "results.md").write_text(text)
+    write_atomic(args.out / "results.md", text.encode())
     for task in ("passkey", "niah"):
-        heatmap(results, task, args.out / f"{task}_heatmap.png")
+        if not heatmap(results, task, args.out / f"{task}_heatmap.png"):
+            (args.out / f"{task}_heatmap.png").unlink(missing_ok=True)  # an earlier run's, replaced by --overwrite
     print(text)
-    print(f"Written to {args.out}/ (results.json, results.md, heatmaps).", file=sys.stderr)
+    print(f"Written to {args.out}/ (results.json, results.md, heatmaps) in {run['wall_s']:.0f} s.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Long-context evaluation tasks, generated offline and faithfully to their public definitions (docs/EVALS.md).
+"""Long-context evaluation tasks, generated offline and faithfully to their public definitions (EVALUATION.md).
 
     task = registry()["ruler/niah_single_1"]        # or tasks_for("passkey,niah,ruler,babilong")
     s = task.sample(length=4096, index=0, seed=0, tokenizer=tok)

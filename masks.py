@@ -308,3 +308,17 @@ def render(path, seq_len: int = 128, patterns: dict[str, Pattern] | None = None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # python masks.py --out docs/patterns.png: the README's picture
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Draw LongGen's attention patterns at toy scale (blocks of 8 tokens) "
+                                                 "into a PNG: full causal, sink + window, strided blocks.")
+    parser.add_argument("--out", default="patterns.png", help="where to write the PNG (default patterns.png)")
+    parser.add_argument("--tokens", type=int, default=128, help="sequence length drawn (default 128)")
+    options = parser.parse_args()
+    if options.tokens < 1:
+        parser.error("--tokens must be at least 1")
+    render(options.out, options.tokens)
+    print(f"Wrote {options.out}")

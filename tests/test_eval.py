@@ -1,9 +1,16 @@
-"""eval.py end to end on the default model at a small length, and its report's arithmetic by hand."""
+"""eval.py end to end on the default model at a small length, its report's arithmetic by hand, the run's record, and
+inputs checked before the evaluation starts."""
 import json
+import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
+import cli
 import eval as harness
+from conftest import ROOT
 from errors import UserError
 from eval_tasks import registry
 
@@ -13,6 +20,20 @@ def full_run(tmp_path_factory, smollm2_gguf):
     out = tmp_path_factory.mktemp("eval")
     harness.main(["--lengths", "1k", "--samples", "1", "--depths", "1", "--batch", "6", "--out", str(out)])
     return out, json.loads((out / "results.json").read_text())
+
+
+def test_the_run_is_recorded(full_run):
+    """results.json and results.md say where, when, with what and from which code every number came."""
+    out, data = full_run
+    header = data["header"]
+    assert header["device"].startswith("CPU: ") or torch.cuda.is_available()
+    assert header["torch"] == torch.__version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", header["date"])
+    assert header["command"] == f"python eval.py --lengths 1k --samples 1 --depths 1 --batch 6 --out {out}"
+    assert re.match(r"git [0-9a-f]{40}|longgen ", header["code"])
+    assert header["wall_s"] > 0
+    table = (out / "results.md").read_text()
+    assert f"- Command: `{header['command']}`" in table and "- Device: " in table
 
 
 def test_every_task_runs_and_reports(full_run):
@@ -62,3 +83,79 @@ def test_bad_input_is_one_sentence(tmp_path, smollm2_gguf):
                       "--out", str(tmp_path)])
     with pytest.raises(UserError):
         harness.main(["--tasks", "passkey,nope", "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------------ checked first
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """Loading the model or running a task fails the test: the mistake must be caught before either."""
+    def started(*args, **kwargs):
+        raise AssertionError("the evaluation started")
+
+    monkeypatch.setattr(cli, "load_model", started)
+    monkeypatch.setattr(harness, "run_task", started)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ppl-data", "/definitely/not/here"], "--ppl-data /definitely/not/here does not exist"),
+    (["--tasks", ","], "names no task"),
+    (["--tasks", "passkey,nope"], "Unknown task 'nope'"),
+    (["--lengths", ","], "names no length"),
+    (["--lengths", "-5"], "0 or more"),
+    (["--kv-policy", "h2o", "--layout", "full", "--kv-budget", "0"], "--kv-budget must be at least 1"),
+    (["--kv-policy", "snapkv", "--layout", "full", "--kv-budget", "-5"], "--kv-budget must be at least 1"),
+    (["--kv-policy", "streaming", "--layout", "full", "--kv-budget", "4"], "more than StreamingLLM's 4 sink"),
+    (["--kv-budget", "256"], "--kv-budget applies only with --kv-policy"),
+    (["--kv-policy", "h2o", "--layout", "full", "--batch", "2"], "--batch has no effect"),
+    (["--kv-policy", "h2o", "--layout", "longgen"], "--layout full"),
+    (["--sparse", "strided"], "--sparse applies only with --layout longgen"),
+    (["--layout", "longgen", "--window", "-1"], "--window must be at least 1"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--device", "tpu"], "--device tpu"),
+])
+def test_mistakes_are_caught_before_the_evaluation(tmp_path, no_evaluation, args, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        harness.main(["--tasks", "passkey", "--lengths", "1k", "--out", str(tmp_path / "out"), *args])
+
+
+def test_out_is_never_overwritten_unless_asked(tmp_path, no_evaluation):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="is a file"):
+        harness.main(["--tasks", "passkey", "--out", str(tmp_path / "file")])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a report .results.json.; .*--overwrite"):
+        harness.main(["--tasks", "passkey", "--out", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "results.json").read_text() == "{}"
+    with pytest.raises(AssertionError, match="the evaluation started"):  # --overwrite lets the run start
+        harness.main(["--tasks", "passkey", "--out", str(tmp_path / "run"), "--overwrite"])
+
+
+def test_absurd_lengths_fail_before_any_prompt_is_built(tmp_path, smollm2_gguf, monkeypatch):
+    monkeypatch.setattr(harness, "run_task", lambda *a, **k: pytest.fail("a task started"))
+    with pytest.raises(UserError, match="--lengths 1000000000 exceeds the model's context of 8192 tokens"):
+        harness.main(["--tasks", "passkey", "--lengths", "1k,1000000000", "--out", str(tmp_path)])
+
+
+def test_progress_counts_samples_and_overwrite_replaces(tmp_path, smollm2_gguf, capsys):
+    args = ["--lengths", "512", "--samples", "1", "--out", str(tmp_path)]
+    harness.main([*args, "--tasks", "passkey", "--depths", "2"])
+    assert "2/2" in capsys.readouterr().err  # one step per sample (it was one per task and length: 0/1, then 1/1)
+    assert (tmp_path / "passkey_heatmap.png").exists()
+    harness.main([*args, "--tasks", "ruler/niah_single_1", "--overwrite"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {r["task"] for r in data["results"]} == {"ruler/niah_single_1"}
+    assert not (tmp_path / "passkey_heatmap.png").exists()  # the earlier run's picture went with it
+
+
+def test_help_names_only_files_in_the_repository():
+    for script in ("eval.py", "generate.py"):
+        text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60).stdout
+        assert "shared" not in text
+        for name in re.findall(r"\b[A-Z][A-Z_]+\.md\b", text):  # the repository's documents
+            assert (ROOT / name).is_file(), name
+        options = re.findall(r"^  (--[\w-]+)", text, re.M)
+        helped = re.findall(r"^  (--[\w-]+)(?: \S+)?\s{2,}\S", text, re.M) + re.findall(
+            r"^  (--[\w-]+).*\n {20,}\S", text, re.M)
+        assert set(options) <= set(helped) | {"--help"}, set(options) - set(helped)

@@ -1,12 +1,20 @@
-"""generate.py: the README command, sampling, and one clear sentence for each user mistake."""
+"""generate.py: the README command, the Python API on the same path as the command line, sampling, and one clear
+sentence for each user mistake."""
+import argparse
+import runpy
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import cli
+import generate as gen
+import longgen
 from conftest import ROOT
+from errors import UserError
 from generate import sample
+from model import Transformer, preset
 
 
 def run(*args, timeout=300):
@@ -37,6 +45,19 @@ def test_chat_with_longgen_layout_streams_an_answer():
     (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
     (["--prompt", "hi", "--checkpoint", "/no/such/model.gguf"], "does not exist"),
     (["--prompt", "hi", "--max-new-tokens", "9000"], "exceeds the model's context"),
+    # issue 17: values that were accepted or gave torch's own errors
+    (["--prompt", "hi", "--temperature", "nan"], "--temperature"),
+    (["--prompt", "hi", "--temperature", "inf"], "--temperature"),
+    (["--prompt", "hi", "--device", "tpu"], "--device tpu"),
+    (["--prompt", "hi", "--temperature", "0.7", "--seed", str(2**70)], "--seed"),
+    (["--prompt", "hi", "--threads", "0"], "--threads"),
+    # options that used to be ignored
+    (["--prompt", "hi", "--sparse", "strided"], "--sparse applies only with --layout longgen"),
+    (["--prompt", "hi", "--layout", "full", "--window", "512"], "--window applies only with --layout longgen"),
+    (["--prompt", "hi", "--layout", "longgen", "--stride", "8"], "--stride shapes the strided pattern"),
+    (["--prompt", "hi", "--layout", "longgen", "--full-fraction", "0"], "--full-fraction"),
+    (["--prompt", "hi", "--top-k", "5"], "--top-k applies only when sampling"),
+    (["--prompt", "hi", "--seed", "3"], "--seed applies only when sampling"),
 ])
 def test_user_mistakes_are_one_sentence(args, message):
     done = run(*args)
@@ -71,3 +92,150 @@ def test_sampling_follows_the_distribution():
     # top-p 0.8: p = .644, .237, .087, ... -> the nucleus is the first two
     counts = torch.bincount(sample(logits, temperature=1.0, top_p=0.8, generator=gen), minlength=5).float()
     assert counts[2:].sum() == 0 and counts[1] > 0
+
+
+# ------------------------------------------------------------------------------------------------ one path
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return longgen.load(smollm2_gguf)
+
+
+def test_api_and_command_line_encode_and_answer_alike(smollm2):
+    """The same prompt gives the same continuation from generate_text, stream_text and generate.py (the CLI used to
+    add a BOS that the API did not, and the two continued differently)."""
+    model, tok = smollm2
+    prompt = "The capital of France is"
+    assert gen.encode_prompt(tok, prompt) == tok.encode(prompt)  # the checkpoint's own BOS setting, as in training
+    [api] = gen.generate_text(model, tok, [prompt], 10)
+    assert "".join(gen.stream_text(model, tok, prompt, 10)) == api
+    done = run("--prompt", prompt, "--max-new-tokens", "10")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == prompt + api + "\n"
+
+
+def test_chat_prompts_are_one_path(smollm2):
+    model, tok = smollm2
+    ids = gen.encode_prompt(tok, "Hi", chat=True)
+    assert tok.decode(ids) == tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    [answer] = gen.generate_text(model, tok, ["What is the capital of France?"], 12, chat=True)
+    assert "Paris" in answer
+
+
+def test_api_mistakes_are_one_sentence(smollm2):
+    model, tok = smollm2
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        gen.stream_text(model, tok, "hi", 9000)  # raised at the call, before the first piece is asked for
+    with pytest.raises(UserError, match="prompt is empty"):
+        gen.generate_text(model, tok, [""], 4)
+
+
+def tiny_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", **overrides)).eval()
+
+
+def test_long_prefill_shows_progress_over_chunks(capsys):
+    model = tiny_model()
+    prompts = [list(range(1, 200))]
+    list(gen.generate(model, prompts, 2, chunk=64, progress=True))
+    err = capsys.readouterr().err
+    assert "prefill" in err and "/4 " in err  # a bar over the 4 chunks, on stderr
+    list(gen.generate(model, prompts, 2, chunk=256, progress=True))  # one chunk: no bar
+    list(gen.generate(model, prompts, 2, chunk=64))  # the API stays quiet unless asked
+    assert "prefill" not in capsys.readouterr().err
+
+
+def test_stats_line_says_the_saving_grows_with_length():
+    cfg = longgen.convert(preset("smollm2-135m"), sparse="sink_window")
+    assert gen.kv_saving(cfg, 6000) < gen.kv_saving(cfg, 32768) < gen.kv_saving(cfg, 131072)
+    model = torch.nn.Module()
+    model.cfg = cfg
+    stats = dict(prompt_tokens=6000, new_tokens=19, prefill_s=1.0, decode_s=1.0, kv_bytes=57, kv_full_bytes=100,
+                 kv_bytes_by_kind={"sink_window": 20, "full": 37})
+    line = gen.stats_line(model, stats)
+    assert "-43% here, -62% at 32K, -66% at 128K; the saving grows with length" in line
+    model.cfg = longgen.full_attention(cfg)
+    assert "every layer full" in gen.stats_line(model, dict(stats, kv_bytes=100))
+
+
+def test_help_answers_without_importing_torch():
+    """--help is parsed before torch and its compiler are imported (5-15 s), so it answers at once."""
+    for script in ("generate.py", "eval.py"):
+        code = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
+                f"try: runpy.run_path({script!r}, run_name='__main__')\n"
+                "except SystemExit: pass\n"
+                "print('torch imported:', 'torch' in sys.modules)")
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert "torch imported: False" in done.stdout, done.stdout + done.stderr
+        assert "--layout" in done.stdout and "--window" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------ layout options
+def layout_args(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_model_args(parser)
+    args = parser.parse_args(argv)
+    cli.check_model_args(args)
+    return args
+
+
+def test_layout_options_reach_the_model():
+    model = tiny_model()
+    cli.apply_layout(model, layout_args("--layout", "longgen", "--sparse", "strided", "--stride", "8",
+                                        "--local-blocks", "3", "--placement", "top", "--full-fraction", "0.5"))
+    assert model.cfg.attn == ("strided",) * 2 + ("full",) * 4  # 1 sparse layer per side of the half, all at the bottom
+    assert (model.cfg.stride, model.cfg.local_blocks) == (8, 3)
+    cli.apply_layout(model, layout_args("--layout", "longgen", "--window", "32", "--sinks", "0"))
+    assert model.cfg.attn == ("sink_window",) * 2 + ("full",) * 2 + ("sink_window",) * 2
+    assert (model.cfg.window, model.cfg.n_sink) == (32, 0)
+
+
+def test_placement_choices_come_from_longgen():
+    """--help lists longgen.PLACEMENTS (and the sparse kinds) read from the source, without importing it."""
+    assert cli.names("longgen", "PLACEMENTS") == longgen.PLACEMENTS
+    assert cli.sparse_kinds() == longgen.SPARSE_KINDS
+    import kv_policies
+
+    assert cli.names("kv_policies", "POLICIES") == kv_policies.POLICIES
+
+
+def test_untrained_conversion_warns_once(capsys):
+    """Converting a model to a layout it was not trained with warns (once); a model trained with the layout, or
+    --layout full / checkpoint, does not."""
+    model = tiny_model()
+    cli.apply_layout(model, layout_args("--layout", "longgen"))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "every layer full" in err and "retrieval breaks" in err
+    cli.apply_layout(model, layout_args("--layout", "longgen"))  # already that layout: as trained
+    cli.apply_layout(tiny_model(), layout_args("--layout", "full"))
+    cli.apply_layout(tiny_model(), layout_args())
+    assert capsys.readouterr().err == ""
+    cli.apply_layout(model, layout_args("--layout", "longgen", "--window", "16"))  # another window than trained
+    assert "another layout" in capsys.readouterr().err
+
+
+def test_untrained_conversion_warns_on_the_command_line():
+    done = run("--prompt", "The capital of France is", "--max-new-tokens", "4", "--layout", "longgen")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("warning: --layout longgen converts a model trained with every layer full") == 1
+
+
+def test_threads_default_and_option():
+    """generate.py decodes with one thread unless told otherwise; eval.py keeps torch's default unless told."""
+    before = torch.get_num_threads()
+    try:
+        assert gen.parse_args(["--prompt", "hi"]).threads == cli.DECODING_THREADS == 1
+        assert gen.parse_args(["--prompt", "hi", "--threads", "2"]).threads == 2
+        cli.set_threads(1)
+        assert torch.get_num_threads() == 1
+        cli.set_threads(None)
+        assert torch.get_num_threads() == 1  # unchanged
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_masks_command_draws_the_readme_picture(tmp_path, monkeypatch):
+    out = tmp_path / "patterns.png"
+    monkeypatch.setattr(sys, "argv", ["masks.py", "--out", str(out)])
+    runpy.run_path(str(ROOT / "masks.py"), run_name="__main__")
+    assert out.read_bytes()[:4] == b"\x89PNG"
