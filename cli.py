@@ -71,7 +71,11 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                         "long-range retrieval (README)")
     g.add_argument("--sparse", choices=sparse_kinds(), help="the sparse layers' pattern (default sink_window)")
     g.add_argument("--placement", choices=names("longgen", "PLACEMENTS"),
-                   help="where the full-attention layers go (default middle, the paper's)")
+                   help="where the full-attention layers go (default middle, the paper's; calibrated: the layers "
+                        "--full-layers names)")
+    g.add_argument("--full-layers", type=layer_list, metavar="I,J,...",
+                   help="with --placement calibrated: the layers that keep full attention, as calibrate.py printed "
+                        "them (for SmolLM2-135M: 5,6,7,14,17,18,20,21,23,24)")
     g.add_argument("--full-fraction", type=float, help="share of the layers that keep full attention (default 1/3)")
     g.add_argument("--window", type=int, help="sink_window: recent tokens each query sees (default: the "
                                               "checkpoint's, 2048 for a converted model)")
@@ -81,6 +85,14 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                                               "checkpoint's, 64)")
     g.add_argument("--local-blocks", type=int, help="strided: recent blocks each query sees, its own included "
                                                     "(default: the checkpoint's, 16)")
+
+
+def layer_list(text: str) -> list[int]:
+    """--full-layers 5,6,7 (or [5, 6, 7], as calibration.json and the configs write it)."""
+    try:
+        return [int(part) for part in text.strip("[] ").replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of layer numbers such as 5,6,7") from None
 
 
 def check_seed(seed: int) -> None:
@@ -100,6 +112,7 @@ def check_model_args(args) -> None:
 def check_layout_args(args) -> None:
     """Refuse a layout option that would have no effect, and values out of range, each in one sentence."""
     options = {"--sparse": "sparse", "--placement": "placement", "--full-fraction": "full_fraction",
+               "--full-layers": "full_layers",
                **{flag: attr for flag, (attr, *_) in PATTERN_OPTIONS.items()}}
     given = [flag for flag, attr in options.items() if getattr(args, attr) is not None]
     if given and args.layout != "longgen":
@@ -111,6 +124,11 @@ def check_layout_args(args) -> None:
             raise UserError(f"{flag} shapes the {kind} pattern, not {sparse}; add --sparse {kind} or drop {flag}.")
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least} (got {value}).")
+    if (args.placement == "calibrated") != (args.full_layers is not None):
+        raise UserError("--placement calibrated and --full-layers go together: the layers to keep full come from "
+                        "calibrate.py (for SmolLM2-135M: --full-layers 5,6,7,14,17,18,20,21,23,24).")
+    if args.full_layers is not None and args.full_fraction is not None:
+        raise UserError("--full-layers names the full layers, so --full-fraction has no effect; drop it.")
     if args.full_fraction is not None and not 0 < args.full_fraction <= 1:
         raise UserError(f"--full-fraction must be in (0, 1] (got {args.full_fraction}).")
 
@@ -159,7 +177,8 @@ def apply_layout(model, args) -> None:
         pattern = {field: getattr(args, attr) for attr, field, _, _ in PATTERN_OPTIONS.values()
                    if getattr(args, attr) is not None}
         longgen.convert(model, sparse=args.sparse or "sink_window", placement=args.placement or "middle",
-                        full_fraction=1 / 3 if args.full_fraction is None else args.full_fraction, **pattern)
+                        full_fraction=1 / 3 if args.full_fraction is None else args.full_fraction,
+                        full_layers=args.full_layers, **pattern)
         if not same_layout(before, model.cfg):
             print(untrained_warning(before), file=sys.stderr)
 

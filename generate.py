@@ -270,6 +270,9 @@ def kv_saving(cfg, length: int, dtype=torch.float32) -> float:
 
 def stats_line(model: Transformer, stats: dict) -> str:
     kinds = ", ".join(f"{model.cfg.attn.count(k)} {k} {human_bytes(n)}" for k, n in stats["kv_bytes_by_kind"].items())
+    full = [i for i, kind in enumerate(model.cfg.attn) if kind == "full"]
+    if len(full) < len(model.cfg.attn):
+        kinds += f"; full layers {layer_ranges(full) or 'none'}"
     saved = 1 - stats["kv_bytes"] / stats["kv_full_bytes"]
     if set(model.cfg.attn) == {"full"}:
         saving = "every layer full: no saving; --layout longgen converts"
@@ -282,6 +285,17 @@ def stats_line(model: Transformer, stats: dict) -> str:
             f"{stats['new_tokens']} new at {stats['new_tokens'] / max(stats['decode_s'], 1e-9):.1f} tok/s; "
             f"KV cache {human_bytes(stats['kv_bytes'])} ({kinds}; full attention would need "
             f"{human_bytes(stats['kv_full_bytes'])}: {saving})]")
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[5, 6, 7, 14, 17, 18] -> '5-7,14,17-18'."""
+    runs = []
+    for i in layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def human_bytes(n: int) -> str:

@@ -1,6 +1,7 @@
 """generate.py: the README command, the Python API on the same path as the command line, sampling, and one clear
 sentence for each user mistake."""
 import argparse
+import re
 import runpy
 import subprocess
 import sys
@@ -154,6 +155,8 @@ def test_stats_line_says_the_saving_grows_with_length():
                  kv_bytes_by_kind={"sink_window": 20, "full": 37})
     line = gen.stats_line(model, stats)
     assert "-43% here, -62% at 32K, -66% at 128K; the saving grows with length" in line
+    assert f"; full layers {gen.layer_ranges([i for i, k in enumerate(cfg.attn) if k == 'full'])};" in line
+    assert gen.layer_ranges([5, 6, 7, 14, 17, 18, 20]) == "5-7,14,17-18,20"
     model.cfg = longgen.full_attention(cfg)
     assert "every layer full" in gen.stats_line(model, dict(stats, kv_bytes=100))
 
@@ -188,6 +191,25 @@ def test_layout_options_reach_the_model():
     cli.apply_layout(model, layout_args("--layout", "longgen", "--window", "32", "--sinks", "0"))
     assert model.cfg.attn == ("sink_window",) * 2 + ("full",) * 2 + ("sink_window",) * 2
     assert (model.cfg.window, model.cfg.n_sink) == (32, 0)
+
+
+def test_calibrated_layers_from_the_command_line():
+    model = tiny_model()
+    cli.apply_layout(model, layout_args("--layout", "longgen", "--placement", "calibrated", "--full-layers", "1,4"))
+    assert model.cfg.attn == ("sink_window", "full", "sink_window", "sink_window", "full", "sink_window")
+    assert layout_args("--layout", "longgen", "--placement", "calibrated", "--full-layers", "[1, 4]").full_layers == [1, 4]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--layout", "longgen", "--placement", "calibrated"), "--placement calibrated and --full-layers go together"),
+    (("--layout", "longgen", "--full-layers", "1,4"), "--placement calibrated and --full-layers go together"),
+    (("--full-layers", "1,4"), "--full-layers applies only with --layout longgen"),
+    (("--layout", "longgen", "--placement", "calibrated", "--full-layers", "1", "--full-fraction", "0.5"),
+     "--full-fraction has no effect"),
+])
+def test_calibrated_layer_options_refused_where_they_do_nothing(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        layout_args(*argv)
 
 
 def test_placement_choices_come_from_longgen():
