@@ -63,7 +63,7 @@ def shard(x_BS: Tensor, group) -> Tensor:
 def unshard(x_BT: Tensor, group) -> Tensor:
     """(B, T, ...) of every rank -> (B, S, ...) in sequence order, the same on every rank (differentiable)."""
     cp, T = dist.get_world_size(group), x_BT.shape[1]
-    x_SB = funcol.all_gather_single(x_BT.movedim(1, 0).contiguous(), 0, group)  # (R·T, B, ...), rank after rank
+    x_SB = funcol.all_gather_tensor_autograd(x_BT.movedim(1, 0).contiguous(), 0, group)  # (R·T, B, ...), rank after rank
     order = torch.cat([zigzag_positions(cp * T, cp, r, x_BT.device) for r in range(cp)])
     return x_SB[order.argsort()].movedim(0, 1)
 
@@ -218,9 +218,9 @@ class CPAttention:
         """(B, G, T, E) rows of this rank -> (B, G, K, E) rows its queries need; gradients flow back to the owners."""
         x_TBGE = x_BGTE.permute(2, 0, 1, 3)
         if self.send_rows is None:
-            x_KBGE = funcol.all_gather_single(x_TBGE.contiguous(), 0, self.group)
+            x_KBGE = funcol.all_gather_tensor_autograd(x_TBGE.contiguous(), 0, self.group)
         else:
-            x_KBGE = funcol.all_to_all_single(x_TBGE[self.send_rows].contiguous(), self.recv_counts, self.send_counts,
+            x_KBGE = funcol.all_to_all_single_autograd(x_TBGE[self.send_rows].contiguous(), self.recv_counts, self.send_counts,
                                               self.group)
         return x_KBGE.permute(1, 2, 0, 3)
 
