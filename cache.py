@@ -219,7 +219,8 @@ class Cache:
             return CausalPrefix(R, dense_mask(pattern, T - R, T, batch=B, q_offset=R, device=device))
         R = int(pattern.reach()) // tile * tile
         rest = block_mask(pattern, T - R, T, batch=B, q_offset=R, block_size=tile, device=device)
-        return CausalPrefix(R, rest, kernels.flex_options(self.cfg.head_dim, kernels.device_key(device)))
+        options = kernels.flex_options(pattern.kind, self.cfg.head_dim, kernels.device_key(device))
+        return CausalPrefix(R, rest, options)
 
     def _chunk_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
         """Queries c0 .. c0 + T - 1 against [the cache's C slots | the chunk's T tokens]."""

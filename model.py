@@ -261,9 +261,9 @@ class Transformer(nn.Module):
         return torch.device(device).type == "cuda" and (decoding or T >= self.cfg.mask_block)
 
     def masks(self, T: int, doc_ids=None, batch: int = 1, device=None) -> dict:
-        """One mask per attention kind, for a whole sequence of T tokens, shared by every layer of that kind. None (SDPA's
-        causal flash kernel) for full layers, and for sparse ones when T is within their reach (Pattern.reach: every
-        causal pair is allowed there)."""
+        """One mask per attention kind, for a whole sequence of T tokens, shared by every layer of that kind. None
+        (SDPA's causal flash kernel) for full layers, and for sparse ones when T is within their reach (Pattern.reach:
+        every causal pair is allowed there)."""
         use_flex, masks = self.flex_for(T, device), {}
         for kind in set(self.cfg.attn):
             pattern = self.cfg.pattern(kind)
