@@ -215,8 +215,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", default=",".join(PARTS), help=f"what to sweep, any of: {', '.join(PARTS)}")
     p.add_argument("--kinds", default="sink_window,strided", help="sparse kinds whose flex options are swept")
     p.add_argument("--flex-length", type=int, default=4096, help="the prefill chunk flex is swept on (default 4096)")
-    p.add_argument("--budget-s", type=float, default=60.0, help="seconds of candidates per part, shared by its shapes or kinds "
-                                                             "(default 60)")
+    p.add_argument("--budget-s", type=float, default=60.0,
+                   help="seconds of candidates per part, shared by its shapes or kinds (default 60)")
     p.add_argument("--out", default=str(kernels.TILES_PATH), help="the table to update (default: tiles.json here)")
     p.add_argument("--json", help="write every measurement here")
     args = p.parse_args(argv)

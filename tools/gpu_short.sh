@@ -35,7 +35,8 @@ $PY -c "import torch, triton, bench, bench_tiles; print('torch', torch.__version
 if [[ "${1:-all}" != bench ]]; then
   step sweep 110 $PY bench_tiles.py --kinds sink_window --budget-s 25 --json "$OUT/tiles_sweep.json"
   cp tiles.json "$OUT/tiles.json" 2>/dev/null
-  step tests 150 $PY -m pytest -q tests/test_cache.py tests/test_kernels.py -k "gpu or cuda or swept or compiled_decoding"
+  step tests 150 $PY -m pytest -q tests/test_cache.py tests/test_kernels.py \
+    -k "gpu or cuda or swept or compiled_decoding"
 fi
 B="$PY bench.py --parts inference --variant sink_window"
 step bench-4k 170 $B --lengths 4k --batch 1,8 --json "$OUT/h200_short.json"
