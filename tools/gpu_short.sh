@@ -4,8 +4,9 @@
 # under $OUT as it goes (bench.py rewrites its JSON after each row), and a step that fails or runs out of time does not
 # stop the next. Steps stop when BUDGET_S (default 470 s) has passed since the start.
 #
-#   bash tools/gpu_short.sh          sweep, tests, 4K batch 1 and 8, 256/1K/2K batch 1, 32K/128K batch 1, 1K/2K batch 8
-#   bash tools/gpu_short.sh bench    the bench.py steps only (with the tiles.json in the working tree)
+#   bash tools/gpu_short.sh         sweep, tests, 4K batch 1 and 8, 256/1K/2K batch 1, 32K/128K batch 1, 1K/2K batch 8
+#   bash tools/gpu_short.sh rest    256/1K/2K batch 1, 32K/128K batch 1, 1K/2K batch 8: what a first call had no time
+#                                   for (copy its $OUT/tiles.json into the working tree first: the sweep's table)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -32,14 +33,14 @@ step() {  # step NAME CAP_S COMMAND...: run with the smaller of CAP_S and the ti
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$log" 2>&1
 $PY -c "import torch, triton, bench, bench_tiles; print('torch', torch.__version__, 'triton', triton.__version__)" \
   >>"$log" 2>&1 || echo "== imports failed: see above" | tee -a "$log"
-if [[ "${1:-all}" != bench ]]; then
+B="$PY bench.py --parts inference --variant sink_window"
+if [[ "${1:-all}" != rest ]]; then
   step sweep 110 $PY bench_tiles.py --kinds sink_window --budget-s 25 --json "$OUT/tiles_sweep.json"
   cp tiles.json "$OUT/tiles.json" 2>/dev/null
-  step tests 150 $PY -m pytest -q tests/test_cache.py tests/test_kernels.py \
+  step tests 130 $PY -m pytest -q tests/test_cache.py tests/test_kernels.py \
     -k "gpu or cuda or swept or compiled_decoding"
+  step bench-4k 170 $B --lengths 4k --batch 1,8 --json "$OUT/h200_short.json"
 fi
-B="$PY bench.py --parts inference --variant sink_window"
-step bench-4k 170 $B --lengths 4k --batch 1,8 --json "$OUT/h200_short.json"
 step bench-256-2k 200 $B --lengths 256,1k,2k --batch 1 --json "$OUT/h200_256_2k.json"
 step bench-32k-128k 200 $B --lengths 32k,128k --batch 1 --json "$OUT/h200_32k_128k.json"
 step bench-1k-2k-b8 150 $B --lengths 1k,2k --batch 8 --json "$OUT/h200_1k_2k_b8.json"
