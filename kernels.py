@@ -18,13 +18,20 @@ included: the tests compare the kernel with it on a GPU.
 
 One program computes BLOCK_N output rows: it walks along K in BLOCK_K steps, multiplies a (BLOCK_N, BLOCK_K) tile of W
 by the input's slice in fp32, and sums once at the end. RMSNorm's scale needs all of x first: each program reads x once
-for it (K values from L2, next to the N x K weight bytes it streams). Tile sizes are fixed per shape (`_tiles`).
+for it (K values from L2, next to the N x K weight bytes it streams). Tile sizes are fixed per shape and per GPU
+(`gemv_tiles`: from tiles.json where bench_tiles.py swept this GPU, else rules swept on an H100).
 """
 from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from errors import UserError
 
 try:
     import triton
@@ -185,43 +192,104 @@ if triton is not None:
                 tl.store(VC + at, a.to(dtype))
                 tl.store(VC + at + HALF, b.to(dtype))
 
-    def _tiles(N: int, K: int) -> tuple[int, int, int]:
-        """Rows per program, the K step and warps per program. Two rows per program give the memory system many
-        independent streams. A short N (the 4096 rows of wo and w2) makes few programs: each then takes longer K steps
-        with 8 warps, and w2's long K more rows. Winners of a sweep on an H100, weights read from memory."""
-        if N <= 4096:
-            return (8 if K > 8192 else 2), min(2048, triton.next_power_of_2(K)), 8
-        return 2, min(1024, triton.next_power_of_2(K)), 4
-
-    def _rope_tiles(E: int, K: int) -> tuple[int, int, int, int]:
-        """Row pairs per program (a divisor of E / 2), the K step, warps and pipeline stages for norm_qkv_rope. The
-        winner of 36 tilings on an H100 at Llama-2-7B's shape (docs/measurements/benchL_ropetiles_h100.json): 38.2 us,
-        88% of copy; the plain product of the same rows takes 37.2 us."""
-        return 1, min(512, triton.next_power_of_2(K)), 4, 1
-
     @triton_op("longgen::gemv", mutates_args=())
     def _gemv(x: Tensor, weight: Tensor, norm_weight: Tensor, residual: Tensor, eps: float, prologue: int,
               use_residual: bool) -> Tensor:
         N, K = weight.shape
+        return launch_gemv(x, weight, norm_weight, residual, eps, prologue, use_residual,
+                           gemv_tiles(N, K, device_key(x.device)), wrap_triton)
+
+    def launch_gemv(x, weight, norm_weight, residual, eps, prologue, use_residual, tiles, wrap=lambda kernel: kernel):
+        """_gemv_kernel with these tiles (rows per program, K step, warps, stages or None for Triton's default):
+        the op above, and bench_tiles.py's sweep."""
+        N, K = weight.shape
         x, weight, norm_weight, residual = (t.contiguous() for t in (x, weight, norm_weight, residual))
         y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
-        block_n, block_k, warps = _tiles(N, K)
-        wrap_triton(_gemv_kernel)[(triton.cdiv(N, block_n),)](
+        block_n, block_k, warps, stages = tiles
+        wrap(_gemv_kernel)[(triton.cdiv(N, block_n),)](
             weight, x, norm_weight, residual, y, N, K, eps, PROLOGUE=prologue, RESIDUAL=use_residual,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **({} if stages is None else {"num_stages": stages}))
         return y
 
     @triton_op("longgen::norm_qkv_rope", mutates_args={"k_cache", "v_cache"})
     def _norm_qkv_rope(x: Tensor, weight: Tensor, norm_weight: Tensor, eps: float, cos: Tensor, sin: Tensor,
                        pos: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, n_heads: int) -> Tensor:
+        tiles = rope_tiles(k_cache.shape[-1], weight.shape[1], device_key(x.device))
+        return launch_norm_qkv_rope(x, weight, norm_weight, eps, cos, sin, pos, k_cache, v_cache, slots, n_heads,
+                                    tiles, wrap_triton)
+
+    def launch_norm_qkv_rope(x, weight, norm_weight, eps, cos, sin, pos, k_cache, v_cache, slots, n_heads, tiles,
+                             wrap=lambda kernel: kernel):
+        """_qkv_rope_kernel with these tiles (row pairs per program, K step, warps, stages): the op above, and
+        bench_tiles.py's sweep."""
         _, G, C, E = k_cache.shape
         K = weight.shape[1]
         q = torch.empty((1, n_heads, 1, E), device=x.device, dtype=x.dtype)
-        block_p, block_k, warps, stages = _rope_tiles(E, K)
-        wrap_triton(_qkv_rope_kernel)[((n_heads + 2 * G) * (E // 2) // block_p,)](
+        block_p, block_k, warps, stages = tiles
+        wrap(_qkv_rope_kernel)[((n_heads + 2 * G) * (E // 2) // block_p,)](
             weight, x, norm_weight, cos, sin, pos, q, k_cache, v_cache, slots, K, C, eps, n_heads, G, E=E,
             BLOCK_P=block_p, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         return q
+
+
+# ------------------------------------------------------------------------------------------------ tiles per GPU
+# The kernels' tiles, and flex's kernel options for a sparse layer's first prefill chunk, come from tiles.json: one
+# entry per GPU model, written by bench_tiles.py's sweep on that GPU and read here at run time. A GPU without an entry
+# (and a shape without one) takes the rules below, the winners of a sweep on an H100.
+TILES_PATH = Path(__file__).with_name("tiles.json")
+
+
+def device_key(device) -> str:
+    """tiles.json's key for a GPU: its name and compute capability, e.g. 'NVIDIA H200 (sm_90)'. '' off a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ""
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} (sm_{props.major}{props.minor})"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned(key: str) -> dict:
+    """This GPU's entry of tiles.json ({} when it has none)."""
+    if not key or not TILES_PATH.exists():
+        return {}
+    try:
+        return json.loads(TILES_PATH.read_text()).get(key, {})
+    except json.JSONDecodeError:
+        raise UserError(f"{TILES_PATH} is not valid JSON; restore it from git or run bench_tiles.py again.") from None
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def gemv_tiles(N: int, K: int, key: str = "") -> tuple[int, int, int, int | None]:
+    """Rows per program, the K step, warps and pipeline stages (None: Triton's default) of the N x K product: this
+    GPU's swept tiles, else the H100 rules. Two rows per program give the memory system many independent streams. A
+    short N (the 4096 rows of wo and w2) makes few programs: each then takes longer K steps with 8 warps, and w2's long
+    K more rows."""
+    if (tiles := tuned(key).get("gemv", {}).get(f"{N}x{K}")) is not None:
+        return tuple(tiles)
+    if N <= 4096:
+        return (8 if K > 8192 else 2), min(2048, _next_power_of_2(K)), 8, None
+    return 2, min(1024, _next_power_of_2(K)), 4, None
+
+
+def rope_tiles(E: int, K: int, key: str = "") -> tuple[int, int, int, int]:
+    """Row pairs per program (a divisor of E / 2), the K step, warps and pipeline stages for norm_qkv_rope: this GPU's
+    swept tiles, else the winner of 36 tilings on an H100 at Llama-2-7B's shape
+    (docs/measurements/benchL_ropetiles_h100.json): 38.2 us, 88% of copy; the plain product of the same rows takes
+    37.2 us."""
+    if (tiles := tuned(key).get("norm_qkv_rope", {}).get(f"{E}x{K}")) is not None:
+        return tuple(tiles)
+    return 1, min(512, _next_power_of_2(K)), 4, 1
+
+
+def flex_options(kind: str, head_dim: int, key: str = "") -> dict | None:
+    """FlexAttention's kernel options (BLOCK_M, BLOCK_N, num_warps, num_stages) for a sparse layer's first prefill
+    chunk past its reach (cache.CausalPrefix), for this kind and head width on this GPU: the sweep's winner where it
+    beat flex's own choice by 2%, else None (flex's own)."""
+    return tuned(key).get("flex", {}).get(f"{kind}/{head_dim}")
 
 
 enabled = True  # False: the modules always run as themselves (bench.py --decode-kernels plain measures the difference)

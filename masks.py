@@ -19,6 +19,7 @@ Legend: B batch, Q query tokens, K key tokens, NQ / NK query / key blocks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -178,6 +179,19 @@ class Pattern:
         if self.kind == "strided":
             return strided(self.block, self.local_blocks, self.stride, device)
         return causal()
+
+    def reach(self) -> float:
+        """The longest sequence in which the pattern allows every causal pair (k <= q < n): up to there it is causal
+        attention, and a layer may take the full layers' kernel (SDPA flash) instead of flex.
+        full: no limit. sink_window: n <= n_sink + window, since the farthest pair whose key is not a sink, q = n - 1
+        and k = n_sink, needs n - 1 - n_sink < window. strided: n <= local_blocks * block, since the query block
+        local_blocks and the key block 0 are local_blocks apart and block 0 is kept only with stride == 1 (then every
+        block is kept: no limit)."""
+        if self.kind == "sink_window":
+            return self.n_sink + self.window
+        if self.kind == "strided" and self.stride > 1:
+            return self.local_blocks * self.block
+        return math.inf
 
     def pairs(self, n: int) -> int:
         """How many (query, key) pairs the pattern allows in a sequence of n tokens (the attention work to count)."""

@@ -166,9 +166,10 @@ torch._dynamo.config.fail_on_recompile_limit_hit = True
 _compiled_flex = torch.compile(flex_attention)
 
 
-def flex(q, k, v, block_mask: BlockMask):
-    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix)."""
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+def flex(q, k, v, block_mask: BlockMask, options: dict | None = None):
+    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix). options: flex's kernel options
+    (kernels.flex_options), None for its own choice."""
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
 
 
 def attend(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:
@@ -260,12 +261,14 @@ class Transformer(nn.Module):
         return torch.device(device).type == "cuda" and (decoding or T >= self.cfg.mask_block)
 
     def masks(self, T: int, doc_ids=None, batch: int = 1, device=None) -> dict:
-        """One mask per attention kind, for a whole sequence of T tokens, shared by every layer of that kind."""
+        """One mask per attention kind, for a whole sequence of T tokens, shared by every layer of that kind. None
+        (SDPA's causal flash kernel) for full layers, and for sparse ones when T is within their reach (Pattern.reach:
+        every causal pair is allowed there)."""
         use_flex, masks = self.flex_for(T, device), {}
         for kind in set(self.cfg.attn):
             pattern = self.cfg.pattern(kind)
-            if kind == "full" and doc_ids is None:
-                masks[kind] = None  # plain causal: SDPA's own flash path
+            if doc_ids is None and T <= pattern.reach():
+                masks[kind] = None  # every causal pair allowed (Pattern.reach): SDPA's own flash path
             elif use_flex:
                 masks[kind] = block_mask(pattern, T, T, batch=batch, doc_ids=doc_ids, block_size=self.cfg.mask_block,
                                          device=device)

@@ -20,7 +20,6 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
-import gguf
 import jinja2.ext
 import regex
 import tiktoken
@@ -298,8 +297,11 @@ def _merge_ranks(vocab: dict[str, int], merges: Iterable[tuple[str, str]], sourc
     return ranks
 
 
-def from_gguf(path_or_reader: str | Path | gguf.GGUFReader) -> BaseTokenizer:
-    """The tokenizer in a GGUF file's `tokenizer.*` metadata (byte-level BPE: `tokenizer.ggml.model` "gpt2")."""
+def from_gguf(path_or_reader: str | Path | gguf.GGUFReader) -> BaseTokenizer:  # noqa: F821 (imported below)
+    """The tokenizer in a GGUF file's `tokenizer.*` metadata (byte-level BPE: `tokenizer.ggml.model` "gpt2"). gguf is
+    imported here: the benchmarks import this module on machines without it."""
+    import gguf
+
     if isinstance(path_or_reader, gguf.GGUFReader):
         reader, source = path_or_reader, Path(path_or_reader.data.filename)
     else:

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf.quants import dequantize
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -143,8 +141,11 @@ def check_weights(cfg: Config, state_dict: dict[str, torch.Tensor], source, fuse
                             "that came with these weights.")
 
 
-def open_gguf(path) -> GGUFReader:
-    """Parse a GGUF file's header (about 2 s for SmolLM2's 49K-token vocabulary: share the reader)."""
+def open_gguf(path):
+    """Parse a GGUF file's header (about 2 s for SmolLM2's 49K-token vocabulary: share the reader). gguf is imported
+    here, not at the top: the benchmarks import this module and run on machines without it."""
+    from gguf import GGUFReader
+
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises many kinds of errors on a damaged file
@@ -152,6 +153,9 @@ def open_gguf(path) -> GGUFReader:
 
 
 def read_gguf(path_or_reader) -> tuple[Config, dict[str, torch.Tensor]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
     reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
     path = reader.data.filename
     try:

@@ -2,6 +2,7 @@
 decoding run with and without them), and on a CPU through Triton's interpreter when Triton is installed (the CPU
 wheel of torch comes without it, so CI skips that test; `pip install triton` runs it)."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -160,13 +161,70 @@ def test_compiled_decoding_with_fused_products_matches_plain_products(attn):
     assert clear.sum() >= 10 and torch.equal(fused.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 
+# ------------------------------------------------------------------------------------------------ tiles per GPU
+def test_tiles_come_from_this_gpus_entry_else_the_h100_rules(tmp_path, monkeypatch):
+    """kernels.py reads its tiles from tiles.json by GPU (name and compute capability), shape by shape; a GPU or a
+    shape without an entry takes the H100 rules. bench_tiles.py merges an entry in atomically, keeping the others."""
+    import bench_tiles
+    from errors import UserError
+
+    path, ours, other = tmp_path / "tiles.json", "NVIDIA Test (sm_90)", "NVIDIA Other (sm_80)"
+    monkeypatch.setattr(kernels, "TILES_PATH", path)
+    kernels.tuned.cache_clear()
+    try:
+        rules = {(4096, 4096): (2, 2048, 8, None), (4096, 11008): (8, 2048, 8, None), (12288, 4096): (2, 1024, 4, None),
+                 (5, 64): (2, 64, 8, None)}
+        assert all(kernels.gemv_tiles(N, K, ours) == t for (N, K), t in rules.items())  # no table yet
+        assert kernels.rope_tiles(128, 4096, ours) == (1, 512, 4, 1) and kernels.flex_options("strided", 128, ours) \
+            is None and kernels.device_key("cpu") == ""
+        options = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        bench_tiles.write_entry(path, ours, {"gemv": {"4096x4096": [4, 1024, 4, 3]},
+                                             "norm_qkv_rope": {"128x4096": [2, 1024, 8, 3]},
+                                             "flex": {"sink_window/128": options}})
+        bench_tiles.write_entry(path, other, {"gemv": {"4096x4096": [1, 512, 4, 1]}})
+        bench_tiles.write_entry(path, ours, {"flex": {"strided/128": options}})  # a later sweep of one part
+        kernels.tuned.cache_clear()
+        assert kernels.gemv_tiles(4096, 4096, ours) == (4, 1024, 4, 3)
+        assert kernels.gemv_tiles(4096, 4096, other) == (1, 512, 4, 1)
+        assert kernels.gemv_tiles(4096, 11008, ours) == rules[4096, 11008]  # a shape not swept
+        assert kernels.gemv_tiles(4096, 4096, "NVIDIA Unknown (sm_100)") == rules[4096, 4096]
+        assert kernels.rope_tiles(128, 4096, ours) == (2, 1024, 8, 3)
+        assert kernels.flex_options("strided", 128, ours) == options  # the later sweep replaced the flex part
+        assert kernels.flex_options("sink_window", 128, ours) is None
+        assert [p.name for p in tmp_path.iterdir()] == ["tiles.json"]  # no temporary file left
+        path.write_text("{half written")
+        kernels.tuned.cache_clear()
+        with pytest.raises(UserError, match="bench_tiles.py"):
+            kernels.gemv_tiles(4096, 4096, ours)
+    finally:
+        kernels.tuned.cache_clear()
+
+
+@needs_gpu_triton
+def test_products_with_this_gpus_swept_tiles_match_the_references(tmp_path, monkeypatch):
+    """The entry points on a GPU take the tiles of this GPU's tiles.json entry (odd ones here) and stay exact."""
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({kernels.device_key("cuda"): {"gemv": {"1000x300": [1, 128, 2, 1]},
+                                                              "norm_qkv_rope": {"16x64": [4, 32, 2, 3]}}}))
+    monkeypatch.setattr(kernels, "TILES_PATH", path)
+    kernels.tuned.cache_clear()
+    try:
+        assert kernels.gemv_tiles(1000, 300, kernels.device_key("cuda")) == (1, 128, 2, 1)
+        for name, out, ref in cases(1000, 300, "cuda"):
+            assert_within_rounding(name, out, ref)
+        t, refs = rope_case(4, 2, 16, 64, 12, "cuda")
+        rms, layer = modules(t["w"], t["norm"])
+        q = kernels.norm_qkv_rope(t["x"], rms, layer, t["table"], t["pos"], t["k"], t["v"], t["slots"], 4)
+        check_rope("swept tiles", (q, t["k"], t["v"]), refs, 5)
+    finally:
+        kernels.tuned.cache_clear()
+
+
 # ------------------------------------------------------------------------------------------------ Triton's interpreter
 def interpreted_checks() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1: the kernel on CPU tensors, small tiles, shapes that the tiles do
     not divide, every prologue, with and without a residual. The interpreter truncates fp32 to bf16 where a GPU
     rounds to nearest, so it is off by up to 2 units in the last place here, within assert_within_rounding."""
-    import triton
-
     for N, K in ((37, 200), (64, 256), (3, 1000)):
         g = torch.Generator().manual_seed(N + K)
         rand = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)  # noqa: E731
@@ -174,18 +232,14 @@ def interpreted_checks() -> None:
         for prologue, inp, ref in ((kernels.NONE, x, kernels.linear_reference(x[None], w)[0]),
                                    (kernels.RMSNORM, x, kernels.norm_linear_reference(x[None], norm, 1e-5, w)[0]),
                                    (kernels.SWIGLU, gate_up, kernels.gated_linear_reference(gate_up[None], w)[0])):
-            for residual in (False, True):
-                y = torch.empty(N, dtype=torch.bfloat16)
-                kernels._gemv_kernel[(triton.cdiv(N, 4),)](w, inp, norm, res, y, N, K, 1e-5, PROLOGUE=prologue,
-                                                            RESIDUAL=residual, BLOCK_N=4, BLOCK_K=64)
+            for residual, tiles in ((False, (4, 64, 4, None)), (True, (4, 64, 4, None)), (True, (1, 128, 2, 1))):
+                y = kernels.launch_gemv(inp, w, norm, res, 1e-5, prologue, residual, tiles)  # as bench_tiles.py
                 assert_within_rounding(f"prologue {prologue}, residual {residual}, {N} x {K}", y,
                                        (res + ref) if residual else ref)
     for H, G, E, K, block_p in ((3, 1, 8, 200, 1), (4, 2, 16, 64, 2)):  # K = 200: not a multiple of BLOCK_K
         t, refs = rope_case(H, G, E, K, 12, "cpu")
-        q = torch.empty(1, H, 1, E, dtype=torch.bfloat16)
-        kernels._qkv_rope_kernel[((H + 2 * G) * E // 2 // block_p,)](
-            t["w"], t["x"], t["norm"], *t["table"], t["pos"], q, t["k"], t["v"], t["slots"], K, 12, 1e-5, H, G, E=E,
-            BLOCK_P=block_p, BLOCK_K=64)
+        q = kernels.launch_norm_qkv_rope(t["x"], t["w"], t["norm"], 1e-5, *t["table"], t["pos"], t["k"], t["v"],
+                                         t["slots"], H, (block_p, 64, 4, 1))
         check_rope(f"{H} heads, {G} key/value heads, E {E}", (q, t["k"], t["v"]), refs, 5)
 
 

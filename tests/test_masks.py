@@ -145,3 +145,16 @@ def test_flex_compiled_on_cpu_equals_dense_sdpa():
 def test_render_writes_a_png(tmp_path):
     render(tmp_path / "patterns.png", seq_len=64)
     assert (tmp_path / "patterns.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@settings(max_examples=60, deadline=None)
+@given(pattern=patterns)
+def test_reach_is_the_longest_causal_prefix(pattern):
+    """Up to reach() tokens the pattern allows every causal pair (so SDPA's causal kernel may run it); one more token
+    and it does not."""
+    reach = pattern.reach()
+    n = min(reach, 160)
+    assert torch.equal(dense_mask(pattern, n, n)[0, 0], torch.ones(n, n, dtype=torch.bool).tril())
+    if reach < 160:
+        assert not torch.equal(dense_mask(pattern, reach + 1, reach + 1)[0, 0],
+                               torch.ones(reach + 1, reach + 1, dtype=torch.bool).tril())

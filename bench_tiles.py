@@ -1,0 +1,270 @@
+"""Sweep the decoding kernels' tiles and flex's kernel options on this GPU, and write the winners into tiles.json: the
+table kernels.py reads at run time, one entry per GPU model (kernels.device_key: its name and compute capability).
+
+    python bench_tiles.py [--preset llama-2-7b] [--parts gemv,rope,flex] [--budget-s 60] [--out tiles.json]
+                          [--json sweep.json]
+
+- gemv: each matrix-vector product of a batch-1 decoding step (wqkv, wo, w13, w2, output) with the prologue and
+  residual it runs with, for every candidate tiling (rows per program, K step, warps, stages);
+- rope: norm_qkv_rope (RMSNorm, wqkv, RoPE, cache write) at the preset's shape;
+- flex: a sparse layer's first 4K prefill chunk past its pattern's reach (cache.CausalPrefix: rows R.. of the chunk
+  against all of it), flex's own choice against a few kernel options, per sparse kind. SDPA's causal kernel over the
+  whole chunk (a full layer) is measured beside it.
+Products are timed as CUDA-graph replays with the weights rotating through copies of 4x the L2 cache, so each is read
+from memory; flex as the median of 10 calls. Every part measures today's tiles (the fallback) first; a candidate
+replaces them only if it is at least 1% faster (flex's options: 2%), so noise cannot pick a worse one. Each part stops
+trying candidates after --budget-s seconds and keeps the best so far. The entry is merged into --out atomically (other
+GPUs' entries and this GPU's unswept parts kept). Needs a CUDA GPU with Triton.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from errors import UserError, run_cli
+from masks import Pattern, block_mask
+
+PARTS = ("gemv", "rope", "flex")
+GEMV_CANDIDATES = [(rows, bk, warps, stages) for rows in (2, 1, 4, 8) for bk, warps in
+                   ((1024, 4), (2048, 8), (512, 4), (1024, 8)) for stages in (3, 1)]
+ROPE_CANDIDATES = [(pairs, bk, warps, stages) for pairs in (1, 2, 4) for bk, warps in
+                   ((512, 4), (1024, 4), (1024, 8), (2048, 8)) for stages in (1, 3)]
+FLEX_CANDIDATES = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+                   dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                   dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)]
+
+
+# ------------------------------------------------------------------------------------------------ the table
+def write_entry(path: Path, key: str, entry: dict) -> dict:
+    """Merge this GPU's entry into the table at `path` (parts not swept now keep their old values), written atomically
+    (a temporary file, then os.replace). Returns the whole table."""
+    path = Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table[key] = {**table.get(key, {}), **entry}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return table
+
+
+def pick(results: list[dict], margin: float):
+    """The fastest candidate, or the first (the fallback) unless the fastest beats it by `margin`."""
+    ok = [r for r in results if "us" in r]
+    best = min(ok, key=lambda r: r["us"])
+    return best if best["us"] < ok[0]["us"] * (1 - margin) else ok[0]
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def graph_us(fn, repeats: int = 5) -> float:
+    """Median us of fn replayed as one CUDA graph (after two warm-up calls, where Triton compiles)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(), fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return statistics.median(event_ms(graph.replay) for _ in range(repeats)) * 1e3
+
+
+def event_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def copies(N: int, K: int) -> int:
+    """How many copies of an N x K bf16 matrix fill 4x the L2 cache."""
+    return max(1, math.ceil(4 * torch.cuda.get_device_properties(0).L2_cache_size / (N * K * 2)))
+
+
+def sweep(name: str, candidates, fallback, run, budget_s: float, log) -> list[dict]:
+    """Time `run(tiles)` for the fallback, then each candidate until the budget is spent; failures are recorded."""
+    results, deadline = [], time.monotonic() + budget_s
+    for tiles in [fallback, *[c for c in candidates if c != fallback]]:
+        if results and time.monotonic() > deadline:
+            break
+        try:
+            row = dict(tiles=tiles, us=run(tiles))
+        except Exception as e:  # a tiling this Triton cannot compile: recorded, not fatal
+            row = dict(tiles=tiles, error=f"{type(e).__name__}: {str(e)[:200]}")
+        results.append(row)
+        log(f"{name} {row}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+def sweep_gemv(cfg, budget_s: float, copy_GBps: float, log) -> tuple[dict, list]:
+    dev, dt = "cuda", torch.bfloat16
+    D, E = cfg.dim, cfg.head_dim
+    shapes = {"wqkv": (kernels.RMSNORM, False, (cfg.n_heads + 2 * cfg.n_kv_heads) * E, D),
+              "wo": (kernels.NONE, True, D, cfg.n_heads * E),
+              "w13": (kernels.RMSNORM, False, 2 * cfg.ffn_dim, D),
+              "w2": (kernels.SWIGLU, True, D, cfg.ffn_dim),
+              "output": (kernels.RMSNORM, False, cfg.vocab_size, D)}
+    table, rows = {}, []
+    for name, (prologue, residual, N, K) in shapes.items():
+        weights = [torch.randn(N, K, device=dev, dtype=dt) / K**0.5 for _ in range(copies(N, K))]
+        x = torch.randn(1, 1, 2 * K if prologue == kernels.SWIGLU else K, device=dev, dtype=dt)
+        norm, res = torch.randn(K, device=dev, dtype=dt), torch.randn(1, 1, N, device=dev, dtype=dt)
+
+        def run(tiles):
+            return graph_us(lambda: [kernels.launch_gemv(x, w, norm, res, 1e-5, prologue, residual, tiles)
+                                     for w in weights]) / len(weights)
+
+        results = sweep(f"gemv {name} {N}x{K}", GEMV_CANDIDATES, kernels.gemv_tiles(N, K), run,
+                        budget_s / len(shapes), log)
+        for r in results:
+            r.update(product=name, N=N, K=K)
+            if "us" in r:
+                r["of_copy"] = N * K * 2 / r["us"] / 1e3 / copy_GBps
+        table[f"{N}x{K}"] = list(pick(results, 0.01)["tiles"])
+        rows += results
+        del weights
+    return table, rows
+
+
+def sweep_rope(cfg, budget_s: float, copy_GBps: float, log) -> tuple[dict, list]:
+    dev, dt = "cuda", torch.bfloat16
+    H, G, E, K, C = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, 4224
+    N = (H + 2 * G) * E
+    weights = [torch.randn(N, K, device=dev, dtype=dt) / K**0.5 for _ in range(copies(N, K))]
+    x, norm = torch.randn(1, 1, K, device=dev, dtype=dt), torch.randn(K, device=dev, dtype=dt)
+    cos, sin = (torch.randn(C, E, device=dev, dtype=dt) for _ in range(2))
+    pos, slots = torch.tensor([7], device=dev, dtype=torch.int32), torch.arange(C, device=dev, dtype=torch.int32)
+    k_cache, v_cache = (torch.zeros(1, G, C, E, device=dev, dtype=dt) for _ in range(2))
+
+    def run(tiles):
+        return graph_us(lambda: [kernels.launch_norm_qkv_rope(x, w, norm, 1e-5, cos, sin, pos, k_cache, v_cache, slots,
+                                                              H, tiles) for w in weights]) / len(weights)
+
+    results = sweep(f"rope {E}x{K}", ROPE_CANDIDATES, kernels.rope_tiles(E, K), run, budget_s, log)
+    for r in results:
+        r.update(N=N, K=K, **({"of_copy": N * K * 2 / r["us"] / 1e3 / copy_GBps} if "us" in r else {}))
+    return {f"{E}x{K}": list(pick(results, 0.01)["tiles"])}, results
+
+
+def sweep_flex(cfg, kinds, length: int, budget_s: float, log) -> tuple[dict, list]:
+    from model import flex
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    dev, dt, tile = "cuda", torch.bfloat16, cfg.mask_block
+    q = torch.randn(1, cfg.n_heads, length, cfg.head_dim, device=dev, dtype=dt)
+    k, v = (torch.randn(1, cfg.n_kv_heads, length, cfg.head_dim, device=dev, dtype=dt) for _ in range(2))
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    table, rows = {}, [dict(kernel="sdpa causal, whole chunk", us=timed_us(sdpa))]
+    log(f"flex {rows[0]}")
+    for kind in kinds:
+        pattern = cfg.pattern(kind)
+        R = min(length, int(pattern.reach())) // tile * tile
+        rest = block_mask(pattern, length - R, length, q_offset=R, block_size=tile, device=dev)
+        head = lambda: F.scaled_dot_product_attention(q[:, :, :R], k[:, :, :R], v[:, :, :R], is_causal=True,  # noqa
+                                                      enable_gqa=True)
+        rows.append(dict(kernel=f"sdpa causal, {kind} rows below {R}", us=timed_us(head) if R else 0.0))
+        log(f"flex {rows[-1]}")
+
+        def run(options):
+            return timed_us(lambda: flex(q[:, :, R:], k, v, rest, options))
+
+        results = sweep(f"flex {kind} rows {R}-{length}", FLEX_CANDIDATES, None, run, budget_s / len(kinds), log)
+        for r in results:
+            r.update(kind=kind, rows=[R, length])
+        best = pick(results, 0.02)["tiles"]
+        if best is not None:
+            table[f"{kind}/{cfg.head_dim}"] = best
+        rows += results
+    return table, rows
+
+
+def timed_us(fn, calls: int = 10) -> float:
+    fn(), fn()
+    torch.cuda.synchronize()
+    return statistics.median(event_ms(lambda: [fn() for _ in range(calls)]) for _ in range(5)) / calls * 1e3
+
+
+def copy_GBps() -> float:
+    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = statistics.median(event_ms(lambda: [dst.copy_(src) for _ in range(10)]) for _ in range(5)) / 10
+    return 2 * src.nbytes / ms / 1e6
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-2-7b", help="model shapes (model.py presets; default llama-2-7b)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"what to sweep, any of: {', '.join(PARTS)}")
+    p.add_argument("--kinds", default="sink_window,strided", help="sparse kinds whose flex options are swept")
+    p.add_argument("--flex-length", type=int, default=4096, help="the prefill chunk flex is swept on (default 4096)")
+    p.add_argument("--budget-s", type=float, default=60.0,
+                   help="seconds of candidates per part, shared by its shapes or kinds (default 60)")
+    p.add_argument("--out", default=str(kernels.TILES_PATH), help="the table to update (default: tiles.json here)")
+    p.add_argument("--json", help="write every measurement here")
+    args = p.parse_args(argv)
+    args.parts = args.parts.split(",")
+    if set(args.parts) - set(PARTS):
+        raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
+    args.kinds = [k for k in args.kinds.split(",") if k]
+    if set(args.kinds) - {"sink_window", "strided"}:
+        raise UserError("--kinds takes sink_window, strided or sink_window,strided.")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not torch.cuda.is_available() or kernels.triton is None:
+        raise UserError("bench_tiles.py sweeps GPU kernels: run it on a machine with a CUDA GPU and Triton.")
+    from model import preset
+
+    cfg, key = preset(args.preset), kernels.device_key("cuda")
+    import triton
+
+    rate = copy_GBps()
+    report = dict(device=key, torch=torch.__version__, triton=triton.__version__, preset=args.preset,
+                  date=datetime.date.today().isoformat(), copy_GBps=rate)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    log(f"{key}: copy {rate:.0f} GB/s")
+    entry = {}
+    with torch.inference_mode():
+        if "gemv" in args.parts:
+            entry["gemv"], report["gemv"] = sweep_gemv(cfg, args.budget_s, rate, log)
+        if "rope" in args.parts:
+            entry["norm_qkv_rope"], report["rope"] = sweep_rope(cfg, args.budget_s, rate, log)
+        if "flex" in args.parts:
+            entry["flex"], report["flex"] = sweep_flex(cfg, args.kinds, args.flex_length, args.budget_s, log)
+    entry["measured"] = dict(date=report["date"], torch=torch.__version__, triton=triton.__version__,
+                             command="python bench_tiles.py --parts " + ",".join(args.parts))
+    write_entry(Path(args.out), key, entry)
+    report["entry"] = entry
+    if args.json:
+        write_entry_json(Path(args.json), report)
+    log(f"wrote {key}'s entry to {args.out}: {json.dumps(entry)}")
+
+
+def write_entry_json(path: Path, report: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    run_cli(main)
