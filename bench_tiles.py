@@ -1,18 +1,15 @@
-"""Sweep the decoding kernels' tiles and flex's kernel options on this GPU, and write the winners into tiles.json: the
+"""Sweep the decoding kernels' tiles on this GPU, and write the winners into tiles.json: the
 table kernels.py reads at run time, one entry per GPU model (kernels.device_key: its name and compute capability).
 
-    python bench_tiles.py [--preset llama-2-7b] [--parts gemv,rope,flex] [--budget-s 60] [--out tiles.json]
+    python bench_tiles.py [--preset llama-2-7b] [--parts gemv,rope] [--budget-s 60] [--out tiles.json]
                           [--json sweep.json]
 
 - gemv: each matrix-vector product of a batch-1 decoding step (wqkv, wo, w13, w2, output) with the prologue and
   residual it runs with, for every candidate tiling (rows per program, K step, warps, stages);
-- rope: norm_qkv_rope (RMSNorm, wqkv, RoPE, cache write) at the preset's shape;
-- flex: a sparse layer's first 4K prefill chunk past its pattern's reach (cache.CausalPrefix: rows R.. of the chunk
-  against all of it), flex's own choice against a few kernel options, per sparse kind. SDPA's causal kernel over the
-  whole chunk (a full layer) is measured beside it.
+- rope: norm_qkv_rope (RMSNorm, wqkv, RoPE, cache write) at the preset's shape.
 Products are timed as CUDA-graph replays with the weights rotating through copies of 4x the L2 cache, so each is read
-from memory; flex as the median of 10 calls. Every part measures today's tiles (the fallback) first; a candidate
-replaces them only if it is at least 1% faster (flex's options: 2%), so noise cannot pick a worse one. Each part stops
+from memory. Every part measures today's tiles (the fallback) first; a candidate
+replaces them only if it is at least 1% faster, so noise cannot pick a worse one. Each part stops
 trying candidates after --budget-s seconds and keeps the best so far. The entry is merged into --out atomically (other
 GPUs' entries and this GPU's unswept parts kept). Needs a CUDA GPU with Triton.
 """
@@ -29,22 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 from errors import UserError, run_cli
-from masks import Pattern, block_mask
 
-PARTS = ("gemv", "rope", "flex")
+PARTS = ("gemv", "rope")
 GEMV_CANDIDATES = [(rows, bk, warps, stages) for rows in (2, 1, 4, 8) for bk, warps in
                    ((1024, 4), (2048, 8), (512, 4), (1024, 8)) for stages in (3, 1)]
 ROPE_CANDIDATES = [(pairs, bk, warps, stages) for pairs in (1, 2, 4) for bk, warps in
                    ((512, 4), (1024, 4), (1024, 8), (2048, 8)) for stages in (1, 3)]
-FLEX_CANDIDATES = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-                   dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                   dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)]
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -163,38 +153,6 @@ def sweep_rope(cfg, budget_s: float, copy_GBps: float, log) -> tuple[dict, list]
     return {f"{E}x{K}": list(pick(results, 0.01)["tiles"])}, results
 
 
-def sweep_flex(cfg, kinds, length: int, budget_s: float, log) -> tuple[dict, list]:
-    from model import flex
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    dev, dt, tile = "cuda", torch.bfloat16, cfg.mask_block
-    q = torch.randn(1, cfg.n_heads, length, cfg.head_dim, device=dev, dtype=dt)
-    k, v = (torch.randn(1, cfg.n_kv_heads, length, cfg.head_dim, device=dev, dtype=dt) for _ in range(2))
-    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-    table, rows = {}, [dict(kernel="sdpa causal, whole chunk", us=timed_us(sdpa))]
-    log(f"flex {rows[0]}")
-    for kind in kinds:
-        pattern = cfg.pattern(kind)
-        R = min(length, int(pattern.reach())) // tile * tile
-        rest = block_mask(pattern, length - R, length, q_offset=R, block_size=tile, device=dev)
-        head = lambda: F.scaled_dot_product_attention(q[:, :, :R], k[:, :, :R], v[:, :, :R], is_causal=True,  # noqa
-                                                      enable_gqa=True)
-        rows.append(dict(kernel=f"sdpa causal, {kind} rows below {R}", us=timed_us(head) if R else 0.0))
-        log(f"flex {rows[-1]}")
-
-        def run(options):
-            return timed_us(lambda: flex(q[:, :, R:], k, v, rest, options))
-
-        results = sweep(f"flex {kind} rows {R}-{length}", FLEX_CANDIDATES, None, run, budget_s / len(kinds), log)
-        for r in results:
-            r.update(kind=kind, rows=[R, length])
-        best = pick(results, 0.02)["tiles"]
-        if best is not None:
-            table[f"{kind}/{cfg.head_dim}"] = best
-        rows += results
-    return table, rows
-
-
 def timed_us(fn, calls: int = 10) -> float:
     fn(), fn()
     torch.cuda.synchronize()
@@ -213,19 +171,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-2-7b", help="model shapes (model.py presets; default llama-2-7b)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"what to sweep, any of: {', '.join(PARTS)}")
-    p.add_argument("--kinds", default="sink_window,strided", help="sparse kinds whose flex options are swept")
-    p.add_argument("--flex-length", type=int, default=4096, help="the prefill chunk flex is swept on (default 4096)")
     p.add_argument("--budget-s", type=float, default=60.0,
-                   help="seconds of candidates per part, shared by its shapes or kinds (default 60)")
+                   help="seconds of candidates per part, shared by its shapes (default 60)")
     p.add_argument("--out", default=str(kernels.TILES_PATH), help="the table to update (default: tiles.json here)")
     p.add_argument("--json", help="write every measurement here")
     args = p.parse_args(argv)
     args.parts = args.parts.split(",")
     if set(args.parts) - set(PARTS):
         raise UserError(f"Unknown parts {sorted(set(args.parts) - set(PARTS))}; choose from: {', '.join(PARTS)}.")
-    args.kinds = [k for k in args.kinds.split(",") if k]
-    if set(args.kinds) - {"sink_window", "strided"}:
-        raise UserError("--kinds takes sink_window, strided or sink_window,strided.")
     return args
 
 
@@ -249,8 +202,6 @@ def main(argv=None) -> None:
             entry["gemv"], report["gemv"] = sweep_gemv(cfg, args.budget_s, rate, log)
         if "rope" in args.parts:
             entry["norm_qkv_rope"], report["rope"] = sweep_rope(cfg, args.budget_s, rate, log)
-        if "flex" in args.parts:
-            entry["flex"], report["flex"] = sweep_flex(cfg, args.kinds, args.flex_length, args.budget_s, log)
     entry["measured"] = dict(date=report["date"], torch=torch.__version__, triton=triton.__version__,
                              command="python bench_tiles.py --parts " + ",".join(args.parts))
     write_entry(Path(args.out), key, entry)

@@ -11,9 +11,8 @@ outside the pattern. Buffers are allocated once and padded to multiples of 128 s
 
 Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was | the chunk itself], then keeps what
 survives (the last token written to each slot); writing first would evict tokens the chunk's early queries still need.
-The first chunk attends to itself alone, with SDPA's causal kernel (a full layer's) wherever its pattern allows every
-causal pair: the whole chunk within the pattern's reach (1K-2K prompts), else the queries below the reach
-(`CausalPrefix`).
+A first chunk within the pattern's reach (every causal pair allowed: 1K-2K prompts with sink + window) attends to
+itself alone with SDPA's causal kernel, as a full layer's first chunk does.
 Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs. It runs
 SDPA with a dense (B, 1, 1, C) mask, which beat flex decoding on an H200 (BENCHMARKS.md: 8.3 vs 12.0 ms per token at
 32K, every layer full); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
@@ -25,13 +24,11 @@ Legend: B batch, G key/value heads, C slots, T tokens in this call, E head width
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-import kernels
 from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid
-from model import flex, rope_angles, rope_frequencies
+from model import rope_angles, rope_frequencies
 
 TILE = 128  # slots are allocated in multiples of this (flex's tile; other lengths crashed flex decoding on an H100)
 
@@ -80,28 +77,6 @@ class KindCache:
         return (kv_pos >= 0) & self.mask_mod(None, None, q_pos, kv_pos)
 
 
-class CausalPrefix:
-    """Attention for a sparse layer's first prefill chunk past its pattern's reach: the first `rows` queries see every
-    key before them, as in a full layer, so they take SDPA's causal flash kernel (on a GPU 1.4x faster per pair than
-    flex); the queries from `rows` on take `rest`, the pattern's mask for them against every key of the chunk: a
-    BlockMask (flex, with this GPU's kernel options from tiles.json) or a dense mask (SDPA)."""
-
-    def __init__(self, rows: int, rest, options: dict | None = None):
-        self.rows, self.rest, self.options = rows, rest, options
-
-    def attend(self, q_BHTE: Tensor, k_BGTE: Tensor, v_BGTE: Tensor) -> Tensor:
-        R, q_rest = self.rows, q_BHTE[:, :, self.rows:]
-        if isinstance(self.rest, BlockMask):
-            tail = flex(q_rest, k_BGTE, v_BGTE, self.rest, self.options)
-        else:
-            tail = F.scaled_dot_product_attention(q_rest, k_BGTE, v_BGTE, attn_mask=self.rest, enable_gqa=True)
-        if R == 0:
-            return tail
-        head = F.scaled_dot_product_attention(q_BHTE[:, :, :R], k_BGTE[:, :, :R], v_BGTE[:, :, :R], is_causal=True,
-                                              enable_gqa=True)
-        return torch.cat([head, tail], dim=2)
-
-
 class Cache:
     """KV cache for a batch of sequences of up to max_len tokens each. The model calls prepare() once per forward,
     update() in every layer, and advance() at the end; generate.py calls start_prefill() and start_decoding()."""
@@ -123,6 +98,7 @@ class Cache:
         self.lengths = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) prompt lengths
         self.filled, self.decoding = 0, False
         self._plans: dict[str, object] = {}
+        self._alone: dict[str, bool] = {}  # kind -> this chunk attends to itself alone (a first chunk within reach)
         self._decode_masks: dict[str, BlockMask] = {}
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -199,28 +175,12 @@ class Cache:
             owner = torch.full((B, C + 1), -1, device=device, dtype=torch.long).scatter_reduce_(
                 1, slot.long(), torch.arange(T, device=device).expand(B, T), "amax")[:, :C]  # (B, C) last writer
             self._plans[kind] = owner
-            masks[kind] = self._first_chunk_mask(kc.pattern, T, use_flex) if c0 == 0 else \
-                self._chunk_mask(kc, c0, T, use_flex)
+            # A first chunk within the pattern's reach (masks.Pattern.reach: every causal pair of it is allowed)
+            # attends to itself alone with SDPA's causal kernel, as a full layer's first chunk does (1K-2K prompts).
+            alone = c0 == 0 and T <= kc.pattern.reach()
+            self._alone[kind] = alone
+            masks[kind] = None if alone else self._chunk_mask(kc, c0, T, use_flex)
         return positions, masks
-
-    def _first_chunk_mask(self, pattern: Pattern, T: int, use_flex: bool):
-        """A sparse kind's first chunk: nothing is cached yet, so it attends to its own T tokens alone (update()
-        returns them), as a whole sequence would. With R = pattern.reach(), every causal pair of the first R tokens is
-        allowed (the inequality is in masks.Pattern.reach), so:
-        - T <= R: None, SDPA's causal flash kernel, as a full layer's first chunk (the LongGen layout at 1K-2K);
-        - T > R: CausalPrefix, SDPA's causal kernel for the queries below R (rounded down to the mask tile on flex's
-          path) and the pattern's own mask for the rest. Flex at 4K cost more per pair than flash at 76% of the pairs
-          (BENCHMARKS.md: LongGen's 4K prefill 0.89x of full's)."""
-        if T <= pattern.reach():
-            return None
-        B, device, tile = self.batch, self.pos.device, self.cfg.mask_block
-        if not use_flex:
-            R = int(pattern.reach())
-            return CausalPrefix(R, dense_mask(pattern, T - R, T, batch=B, q_offset=R, device=device))
-        R = int(pattern.reach()) // tile * tile
-        rest = block_mask(pattern, T - R, T, batch=B, q_offset=R, block_size=tile, device=device)
-        options = kernels.flex_options(pattern.kind, self.cfg.head_dim, kernels.device_key(device))
-        return CausalPrefix(R, rest, options)
 
     def _chunk_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
         """Queries c0 .. c0 + T - 1 against [the cache's C slots | the chunk's T tokens]."""
@@ -274,8 +234,10 @@ class Cache:
         if plan is None:  # full
             K[:, :, c0:c1], V[:, :, c0:c1] = k_BGTE, v_BGTE
             return K[:, :, :c1], V[:, :, :c1]
-        # the first chunk attends to itself alone (_first_chunk_mask); later ones to [the cache as it was | the chunk]
-        keys, values = (k_BGTE, v_BGTE) if c0 == 0 else (torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2))
+        # a first chunk within the reach attends to itself alone (_prepare_chunk); others to [the cache as it was |
+        # the chunk]
+        keys, values = (k_BGTE, v_BGTE) if self._alone[kind] else (torch.cat([K, k_BGTE], dim=2),
+                                                                    torch.cat([V, v_BGTE], dim=2))
         owner = plan  # (B, C)
         take = owner.clamp(min=0)[:, None, :, None].expand(-1, K.shape[1], -1, K.shape[3])
         stored = (owner >= 0)[:, None, :, None]

@@ -285,13 +285,6 @@ def rope_tiles(E: int, K: int, key: str = "") -> tuple[int, int, int, int]:
     return 1, min(512, _next_power_of_2(K)), 4, 1
 
 
-def flex_options(kind: str, head_dim: int, key: str = "") -> dict | None:
-    """FlexAttention's kernel options (BLOCK_M, BLOCK_N, num_warps, num_stages) for a sparse layer's first prefill
-    chunk past its reach (cache.CausalPrefix), for this kind and head width on this GPU: the sweep's winner where it
-    beat flex's own choice by 2%, else None (flex's own)."""
-    return tuned(key).get("flex", {}).get(f"{kind}/{head_dim}")
-
-
 enabled = True  # False: the modules always run as themselves (bench.py --decode-kernels plain measures the difference)
 
 

@@ -166,10 +166,9 @@ torch._dynamo.config.fail_on_recompile_limit_hit = True
 _compiled_flex = torch.compile(flex_attention)
 
 
-def flex(q, k, v, block_mask: BlockMask, options: dict | None = None):
-    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix). options: flex's kernel options
-    (kernels.flex_options), None for its own choice."""
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=options)
+def flex(q, k, v, block_mask: BlockMask):
+    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix)."""
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 def attend(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:

@@ -175,22 +175,17 @@ def test_tiles_come_from_this_gpus_entry_else_the_h100_rules(tmp_path, monkeypat
         rules = {(4096, 4096): (2, 2048, 8, None), (4096, 11008): (8, 2048, 8, None), (12288, 4096): (2, 1024, 4, None),
                  (5, 64): (2, 64, 8, None)}
         assert all(kernels.gemv_tiles(N, K, ours) == t for (N, K), t in rules.items())  # no table yet
-        assert kernels.rope_tiles(128, 4096, ours) == (1, 512, 4, 1) and kernels.flex_options("strided", 128, ours) \
-            is None and kernels.device_key("cpu") == ""
-        options = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        assert kernels.rope_tiles(128, 4096, ours) == (1, 512, 4, 1) and kernels.device_key("cpu") == ""
         bench_tiles.write_entry(path, ours, {"gemv": {"4096x4096": [4, 1024, 4, 3]},
-                                             "norm_qkv_rope": {"128x4096": [2, 1024, 8, 3]},
-                                             "flex": {"sink_window/128": options}})
+                                             "norm_qkv_rope": {"128x4096": [1, 512, 4, 1]}})
         bench_tiles.write_entry(path, other, {"gemv": {"4096x4096": [1, 512, 4, 1]}})
-        bench_tiles.write_entry(path, ours, {"flex": {"strided/128": options}})  # a later sweep of one part
+        bench_tiles.write_entry(path, ours, {"norm_qkv_rope": {"128x4096": [2, 1024, 8, 3]}})  # a later sweep
         kernels.tuned.cache_clear()
         assert kernels.gemv_tiles(4096, 4096, ours) == (4, 1024, 4, 3)
         assert kernels.gemv_tiles(4096, 4096, other) == (1, 512, 4, 1)
         assert kernels.gemv_tiles(4096, 11008, ours) == rules[4096, 11008]  # a shape not swept
         assert kernels.gemv_tiles(4096, 4096, "NVIDIA Unknown (sm_100)") == rules[4096, 4096]
-        assert kernels.rope_tiles(128, 4096, ours) == (2, 1024, 8, 3)
-        assert kernels.flex_options("strided", 128, ours) == options  # the later sweep replaced the flex part
-        assert kernels.flex_options("sink_window", 128, ours) is None
+        assert kernels.rope_tiles(128, 4096, ours) == (2, 1024, 8, 3)  # the later sweep replaced that part
         assert [p.name for p in tmp_path.iterdir()] == ["tiles.json"]  # no temporary file left
         path.write_text("{half written")
         kernels.tuned.cache_clear()

@@ -35,7 +35,7 @@ $PY -c "import torch, triton, bench, bench_tiles; print('torch', torch.__version
   >>"$log" 2>&1 || echo "== imports failed: see above" | tee -a "$log"
 B="$PY bench.py --parts inference --variant sink_window"
 if [[ "${1:-all}" != rest ]]; then
-  step sweep 110 $PY bench_tiles.py --kinds sink_window --budget-s 25 --json "$OUT/tiles_sweep.json"
+  step sweep 110 $PY bench_tiles.py --budget-s 25 --json "$OUT/tiles_sweep.json"
   cp tiles.json "$OUT/tiles.json" 2>/dev/null
   step tests 130 $PY -m pytest -q tests/test_cache.py tests/test_kernels.py \
     -k "gpu or cuda or swept or compiled_decoding"
