@@ -12,8 +12,8 @@ outside the pattern. Buffers are allocated once and padded to multiples of 128 s
 Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was | the chunk itself], then keeps what
 survives (the last token written to each slot); writing first would evict tokens the chunk's early queries still need.
 Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs. It runs
-SDPA with a dense (B, 1, 1, C) mask, which beat flex decoding on an H200 (BENCHMARKS.md: 8.3 vs 12.0 ms per token at
-32K, every layer full); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
+SDPA with a dense (B, 1, 1, C) mask: one query row has no tiles worth skipping, and SDPA decoded faster than flex
+decoding (see BENCHMARKS.md); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
 kernels.norm_qkv_rope writes the new keys and values itself, reading two tables by position made here once: RoPE's
 cos and sin (`rope_table`) and each kind's slot (`slots`).
 
@@ -51,7 +51,7 @@ class KindCache:
             used = max_len
         self.capacity = C = round_up(used)
         # One tensor per layer, not views of one stack: compiled, an in-place write into a view of a graph input is
-        # not reinplaced, and every layer's one-token write copied the whole stack (10-30x slower decoding on H100).
+        # not reinplaced, and every layer's one-token write copied the whole stack (see BENCHMARKS.md).
         shape = (batch, n_kv_heads, C, head_dim)  # (B, G, C, E)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]

@@ -195,8 +195,7 @@ if triton is not None:
 
     def _rope_tiles(E: int, K: int) -> tuple[int, int, int, int]:
         """Row pairs per program (a divisor of E / 2), the K step, warps and pipeline stages for norm_qkv_rope. The
-        winner of 36 tilings on an H100 at Llama-2-7B's shape (docs/measurements/benchL_ropetiles_h100.json): 38.2 us,
-        88% of copy; the plain product of the same rows takes 37.2 us."""
+        winner of a sweep at Llama-2-7B's shape: as fast as the plain product of the same rows (see BENCHMARKS.md)."""
         return 1, min(512, triton.next_power_of_2(K)), 4, 1
 
     @triton_op("longgen::gemv", mutates_args=())

@@ -10,7 +10,7 @@ Each pattern below is a mask_mod factory whose docstring states the exact inequa
 tensors so that changing a value never recompiles a kernel. Beside each one is its *block rule*: for a rectangle of
 query positions [q_lo, q_hi] x key positions [k_lo, k_hi] it answers "is any pair allowed?" and "are all pairs
 allowed?" in closed form. `block_mask` uses those rules to build a BlockMask straight from the block grid, which at 128K
-tokens takes milliseconds, where `create_block_mask` evaluates all S x S pairs (1.5-5 s on an H100).
+tokens takes milliseconds, where `create_block_mask` evaluates all S x S pairs (seconds; BENCHMARKS.md).
 
 Positions are logical token positions. Packed documents (`document`) and chunked prefill (`q_offset`) only change which
 positions the physical indices stand for.
@@ -28,8 +28,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_idx, kv_idx) -> bool
 
-# Captured parameters are int32 like flex's own indices: int64 arithmetic (`//`, `%`) made the strided kernel 3x slower
-# on an H100, and int32 tensors run as fast as compile-time constants without recompiling when a value changes.
+# Captured parameters are int32 like flex's own indices: int64 arithmetic (`//`, `%`) is slow on a GPU, and int32
+# tensors run as fast as compile-time constants without recompiling when a value changes (see BENCHMARKS.md).
 _INDEX = torch.int32
 
 

@@ -159,7 +159,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # One compiled flex serves every mask: parameters are tensors, so new masks do not recompile, and a second sequence
 # length makes lengths dynamic. Each attention kind, key layout and grad mode is still a graph of its own: allow them,
-# and fail loudly past that instead of silently running flex unfused (which asked for 512 GiB at 128K, GPU.md).
+# and fail loudly past that instead of silently running flex unfused (which materialises the whole score matrix).
 # Made at import: torch.compile is lazy, and a wrapper first made while dynamo traces a caller would run eagerly.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 torch._dynamo.config.fail_on_recompile_limit_hit = True
