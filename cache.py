@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid
+from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid, whole_tiles
 from model import rope_angles, rope_frequencies
 
 TILE = 128  # slots are allocated in multiples of this (flex's tile; other lengths crashed flex decoding on an H100)
@@ -199,7 +199,7 @@ class Cache:
         # chunk tiles: positions are contiguous, the block rules are exact
         k_lo, k_hi, k_cut = block_ranges(T, KB, c0, device)
         any_, all_ = kc.pattern.blocks(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :])
-        all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+        all_ = all_ & whole_tiles(q_cut, k_cut)
         any_ = torch.cat([cache_any, any_.expand(B, -1, -1)], dim=-1)
         all_ = torch.cat([torch.zeros_like(cache_any), all_.expand(B, -1, -1)], dim=-1)
         return from_block_grid(any_, all_, chunk_mask, T, C + T, (QB, KB))

@@ -236,8 +236,7 @@ def block_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_o
         if not bool((doc_ids[:, 1:] >= doc_ids[:, :-1]).all()):
             raise ValueError("doc_ids must be non-decreasing along each row (one number per packed document).")
         any_, all_ = document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi)
-    # A block cut short by the end of the sequence is never full (as create_block_mask pads it with masked entries).
-    all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+    all_ = all_ & whole_tiles(q_cut, k_cut)
     return from_block_grid(any_, all_, _full_mask_mod(pattern, q_offset, doc_ids, device), q_len, kv_len, (QB, KB))
 
 
@@ -255,6 +254,12 @@ def block_ranges(length: int, block: int, offset: int = 0, device=None):
     lo = torch.arange(0, length, block, device=device)
     hi = torch.clamp(lo + block - 1, max=length - 1)
     return lo + offset, hi + offset, hi - lo + 1 < block
+
+
+def whole_tiles(q_cut: Tensor, k_cut: Tensor) -> Tensor:
+    """(NQ,), (NK,) -> (NQ, NK): the tiles of two whole blocks. A tile with a block cut short by the end of the
+    sequence is never full, as create_block_mask pads it with masked entries."""
+    return ~q_cut[:, None] & ~k_cut[None, :]
 
 
 def document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi):

@@ -25,7 +25,7 @@ from gguf.quants import dequantize
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from errors import UserError
+from errors import UserError, read_json
 from model import Config, RopeScaling
 
 # ------------------------------------------------------------------------------------------------ the default model
@@ -227,7 +227,7 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
 
 def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     directory = Path(directory)
-    hf = _read_json(directory / "config.json")
+    hf = read_json(directory / "config.json")
 
     def need(key):
         if key not in hf:
@@ -285,7 +285,7 @@ def _ours_to_hf(name: str) -> str:
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        return [directory / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+        return [directory / f for f in sorted(set(read_json(index)["weight_map"].values()))]
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files
@@ -301,7 +301,7 @@ FORMAT_VERSION = 1
 
 def read_longgen(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     directory = Path(directory)
-    meta = _read_json(directory / "longgen.json")
+    meta = read_json(directory / "longgen.json")
     if meta.get("format") != FORMAT_VERSION:
         raise UserError(f"{directory} is longgen checkpoint format {meta.get('format')}, this code reads "
                         f"{FORMAT_VERSION}; update longgen.")
@@ -457,15 +457,6 @@ def _with_layout(cfg: Config, layout: dict, source: Path) -> Config:
         raise UserError(f"The \"longgen\" entry of {source} is not one this code wrote (format {FORMAT_VERSION}, "
                         f"keys {', '.join(LAYOUT_KEYS)}); remove it to load the model with every layer full.")
     return replace(cfg, **{k: v for k, v in layout.items() if k != "format"})
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; the checkpoint directory is incomplete.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); restore the file.") from e
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
