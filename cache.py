@@ -84,10 +84,10 @@ class Cache:
         mask (bench.py --flex-decode compares the two)."""
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
         self.flex_decode = set(flex_decode)
-        self.layer_kind = cfg.attn
-        self.index = [cfg.attn[:i].count(kind) for i, kind in enumerate(cfg.attn)]  # layer -> index within its kind
-        self.kinds = {kind: KindCache(cfg.pattern(kind), cfg.attn.count(kind), batch, max_len, cfg.n_kv_heads,
-                                      cfg.head_dim, device, dtype) for kind in dict.fromkeys(cfg.attn)}
+        self.layer_kind = cfg.layer_kinds
+        self.index = [cfg.layer_kinds[:i].count(kind) for i, kind in enumerate(cfg.layer_kinds)]  # layer -> index within its kind
+        self.kinds = {kind: KindCache(cfg.pattern(kind), cfg.layer_kinds.count(kind), batch, max_len, cfg.n_kv_heads,
+                                      cfg.head_dim, device, dtype) for kind in dict.fromkeys(cfg.layer_kinds)}
         self.pos = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) next position of each row
         # RoPE's cos and sin for every position, (max_len, E) each, made once: kernels.norm_qkv_rope reads a decoding
         # step's row (as for KindCache.slots: angles made inside a compiled step were made again for every layer)

@@ -21,7 +21,7 @@ LAYOUTS = {
 
 def tiny(layout: str):
     torch.manual_seed(0)
-    model = build(preset("tiny", attn=LAYOUTS[layout]))
+    model = build(preset("tiny", layer_kinds=LAYOUTS[layout]))
     init_weights(model, std=0.08)  # peaked logits: no near-ties for greedy decoding to trip on
     return model.eval()
 
