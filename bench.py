@@ -221,7 +221,7 @@ def products(cfg, args, copy_GBps: float) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ masks, training
 def mask_build_ms(cfg, length: int, device) -> float:
     """Median time to build one sparse kind's BlockMask for a whole sequence (what each training forward does)."""
-    kind = next(k for k in cfg.attn if k != "full")
+    kind = next(k for k in cfg.layer_kinds if k != "full")
     return median_ms(lambda: block_mask(cfg.pattern(kind), length, length, block_size=cfg.mask_block, device=device),
                      device, 7)
 
@@ -267,9 +267,9 @@ def train_step(cfg, length: int, precision: str, args) -> dict:
         ms, peak = median_ms(step, device), peak_bytes(device)
     except torch.OutOfMemoryError:
         return dict(skipped="out of memory")
-    pairs = {k: cfg.pattern(k).pairs(length) for k in set(cfg.attn)}
+    pairs = {k: cfg.pattern(k).pairs(length) for k in set(cfg.layer_kinds)}
     return dict(step_ms=ms, compile_s=compile_s, peak_bytes=peak, compile_peak_bytes=compile_peak,
-                attn_pairs=sum(pairs[k] for k in cfg.attn), loss_chunk=args.loss_chunk)
+                attn_pairs=sum(pairs[k] for k in cfg.layer_kinds), loss_chunk=args.loss_chunk)
 
 
 def hf_decode(cfg, length: int, args) -> dict:
@@ -387,7 +387,7 @@ def run(args) -> dict:
                     for products_ in args.decode_kernels:
                         model.cfg, kernels.enabled = cfg, products_ == "fused"
                         record("inference", dict(layout=name, length=length, batch=batch,
-                                                 full_layers=cfg.attn.count("full"), kernels=products_,
+                                                 full_layers=cfg.layer_kinds.count("full"), kernels=products_,
                                                  **inference(model, length, batch, args, report["copy_GBps"])))
         kernels.enabled = True
         del model
@@ -395,14 +395,15 @@ def run(args) -> dict:
         for row in products(base, args, report["copy_GBps"]):
             record("products", row)
     if "train" in args.parts:
-        small = replace(base, n_layers=args.train_layers, attn=("full",) * args.train_layers)
+        small = replace(base, n_layers=args.train_layers, layer_kinds=("full",) * args.train_layers)
         for length in args.train_lengths:
             for precision in args.train_precision:
                 for sparse in [None, *args.variant]:
-                    cfg = replace(small, attn=train_layout(base, sparse, args.train_layers))
+                    cfg = replace(small, layer_kinds=train_layout(base, sparse, args.train_layers))
                     sync(args.device)
                     record("train", dict(layout=f"longgen {sparse}" if sparse else "full", length=length,
-                                         precision=precision, layers=cfg.n_layers, full_layers=cfg.attn.count("full"),
+                                         precision=precision, layers=cfg.n_layers,
+                                         full_layers=cfg.layer_kinds.count("full"),
                                          **train_step(cfg, length, precision, args)))
                     if args.device != "cpu":
                         torch.cuda.empty_cache()

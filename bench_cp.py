@@ -335,8 +335,8 @@ def _run(args, rank, world, device) -> dict:
     n = args.warmup + args.steps
     longest = max(args.lengths + args.single_lengths)
     base = preset(args.preset, max_seq_len=longest)
-    small = replace(base, n_layers=args.layers, attn=("full",) * args.layers)
-    layouts = {lay: replace(small, attn=train_layout(base, None if lay == "full" else lay, args.layers))
+    small = replace(base, n_layers=args.layers, layer_kinds=("full",) * args.layers)
+    layouts = {lay: replace(small, layer_kinds=train_layout(base, None if lay == "full" else lay, args.layers))
                for lay in args.layouts}
     if "cp" in args.parts:
         for length in args.lengths:

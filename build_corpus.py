@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ import numpy as np
 import tokenizer
 import weights
 from data import DataConfig, load_documents
+from debian import fetch, novels
 from errors import UserError, run_cli
 
 MAX_CHARS = 400_000  # a chapter of the manuals: at most this many characters (about 100K tokens)
@@ -61,55 +61,9 @@ LICENCES = {
 }
 
 
-# ------------------------------------------------------------------------------------------------ Debian packages
-def fetch(package: str, into: Path) -> tuple[Path, str]:
-    """Download `package` (for a documentation meta-package, the versioned package it depends on) and unpack it
-    under `into`; return the unpacked tree and "name version" of what was fetched."""
-    if package in ("python3-doc", "linux-doc"):
-        package = re.search(r"Depends: (\S+)", _run(["apt-cache", "depends", "--important", package], package))[1]
-    _run(["apt-get", "download", package], package, cwd=into)
-    deb = next(into.glob(f"{package}_*.deb"))
-    _run(["dpkg", "-x", str(deb), str(into / package)], package)
-    return into / package, f"{package} {deb.stem.split('_')[1]}"
-
-
-def _run(cmd: list[str], package: str, cwd: Path | None = None) -> str:
-    try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise UserError(f"{cmd[0]} is missing; run build_corpus.py on Debian or Ubuntu (it reads Debian packages).")
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"`{' '.join(cmd)}` failed for {package} ({last}); run `apt-get update` (as root) and check "
-                        "that Debian's archives can be reached.")
-    return done.stdout
-
-
 # ------------------------------------------------------------------------------------------------ books
-def r_lazy_data(package_tree: Path, name: str) -> dict:
-    """The objects of an R package's lazy-loaded data (data/Rdata.rdx + .rdb), read with the `rdata` package: each
-    object is zlib-compressed R serialisation after a 4-byte length."""
-    try:
-        import rdata  # only the books need it
-    except ImportError:
-        raise UserError("The books are R data, read with the rdata package; `pip install rdata`, or build "
-                        "--sources python-docs,linux-docs.") from None
-
-    data = next(package_tree.glob(f"usr/lib/R/site-library/{name}/data"))
-    index = rdata.read_rds(data / "Rdata.rdx")
-    blob = (data / "Rdata.rdb").read_bytes()
-    return {str(key): rdata.conversion.convert(rdata.parser.parse_data(
-            zlib.decompress(blob[offset + 4:offset + length]), extension=".rds"))
-            for key, (offset, length) in index["variables"].items()}
-
-
 def books(trees: dict[str, Path]) -> dict[str, str]:
-    austen = r_lazy_data(trees["r-cran-janeaustenr"], "janeaustenr")
-    docs = {f"austen-{title}": "\n".join(lines) for title, lines in austen.items()}
-    moby = str(r_lazy_data(trees["r-cran-tokenizers"], "tokenizers")["mobydick"][0]).replace("\r\n", "\n")
-    start = re.search(r"\*\*\* ?START OF.*\n", moby)  # Project Gutenberg's header and footer are cut
-    end = re.search(r"\nEnd of Project Gutenberg|\n\*\*\* ?END OF", moby)
-    docs["melville-moby-dick"] = moby[start.end():end.start()].strip()
+    docs = novels(trees)
     bible = subprocess.run([str(trees["bible-kjv"] / "usr/bin/bible"), "-p", str(trees["bible-kjv-text"] / "usr/lib"),
                             "-l100000", "Gen1:1-Rev22:21"], capture_output=True, text=True)
     if bible.returncode or not bible.stdout:

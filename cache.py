@@ -14,8 +14,8 @@ survives (the last token written to each slot); writing first would evict tokens
 A first chunk within the pattern's reach (every causal pair allowed: 1K-2K prompts with sink + window) attends to
 itself alone with SDPA's causal kernel, as a full layer's first chunk does.
 Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs. It runs
-SDPA with a dense (B, 1, 1, C) mask, which beat flex decoding on an H200 (BENCHMARKS.md: 8.3 vs 12.0 ms per token at
-32K, every layer full); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
+SDPA with a dense (B, 1, 1, C) mask: one query row has no tiles worth skipping, and SDPA decoded faster than flex
+decoding (see BENCHMARKS.md); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
 kernels.norm_qkv_rope writes the new keys and values itself, reading two tables by position made here once: RoPE's
 cos and sin (`rope_table`) and each kind's slot (`slots`).
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid
+from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid, whole_tiles
 from model import rope_angles, rope_frequencies
 
 TILE = 128  # slots are allocated in multiples of this (flex's tile; other lengths crashed flex decoding on an H100)
@@ -53,7 +53,7 @@ class KindCache:
             used = max_len
         self.capacity = C = round_up(used)
         # One tensor per layer, not views of one stack: compiled, an in-place write into a view of a graph input is
-        # not reinplaced, and every layer's one-token write copied the whole stack (10-30x slower decoding on H100).
+        # not reinplaced, and every layer's one-token write copied the whole stack (see BENCHMARKS.md).
         shape = (batch, n_kv_heads, C, head_dim)  # (B, G, C, E)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
@@ -86,10 +86,11 @@ class Cache:
         mask (bench.py --flex-decode compares the two)."""
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
         self.flex_decode = set(flex_decode)
-        self.layer_kind = cfg.attn
-        self.index = [cfg.attn[:i].count(kind) for i, kind in enumerate(cfg.attn)]  # layer -> index within its kind
-        self.kinds = {kind: KindCache(cfg.pattern(kind), cfg.attn.count(kind), batch, max_len, cfg.n_kv_heads,
-                                      cfg.head_dim, device, dtype) for kind in dict.fromkeys(cfg.attn)}
+        self.layer_kind = cfg.layer_kinds
+        # layer -> its index within its kind
+        self.index = [cfg.layer_kinds[:i].count(kind) for i, kind in enumerate(cfg.layer_kinds)]
+        self.kinds = {kind: KindCache(cfg.pattern(kind), cfg.layer_kinds.count(kind), batch, max_len, cfg.n_kv_heads,
+                                      cfg.head_dim, device, dtype) for kind in dict.fromkeys(cfg.layer_kinds)}
         self.pos = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) next position of each row
         # RoPE's cos and sin for every position, (max_len, E) each, made once: kernels.norm_qkv_rope reads a decoding
         # step's row (as for KindCache.slots: angles made inside a compiled step were made again for every layer)
@@ -206,7 +207,7 @@ class Cache:
         # chunk tiles: positions are contiguous, the block rules are exact
         k_lo, k_hi, k_cut = block_ranges(T, KB, c0, device)
         any_, all_ = kc.pattern.blocks(q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :])
-        all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+        all_ = all_ & whole_tiles(q_cut, k_cut)
         any_ = torch.cat([cache_any, any_.expand(B, -1, -1)], dim=-1)
         all_ = torch.cat([torch.zeros_like(cache_any), all_.expand(B, -1, -1)], dim=-1)
         return from_block_grid(any_, all_, chunk_mask, T, C + T, (QB, KB))

@@ -120,7 +120,7 @@ def probe_nll(model, windows: torch.Tensor, second: int, cue: int, layout: tuple
     """Mean NLL (nats per token) of the second copy's tokens after its cue, with the model's layers set to `layout`."""
     device = model.tok_embeddings.weight.device
     saved = model.cfg
-    model.cfg = replace(saved, attn=tuple(layout))
+    model.cfg = replace(saved, layer_kinds=tuple(layout))
     try:
         total, count = 0.0, 0
         for a in range(0, len(windows), batch_size):

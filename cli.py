@@ -188,12 +188,12 @@ RELEVANT = {"sink_window": ("n_sink", "window"), "strided": ("block", "local_blo
 
 def same_layout(a, b) -> bool:
     """Whether two configs give every layer the same attention (kind, and the settings its pattern reads)."""
-    return a.attn == b.attn and all(getattr(a, name) == getattr(b, name)
-                                    for kind in set(b.attn) for name in RELEVANT.get(kind, ()))
+    return a.layer_kinds == b.layer_kinds and all(getattr(a, name) == getattr(b, name)
+                                    for kind in set(b.layer_kinds) for name in RELEVANT.get(kind, ()))
 
 
 def untrained_warning(before) -> str:
-    trained = "every layer full" if set(before.attn) == {"full"} else "another layout"
+    trained = "every layer full" if set(before.layer_kinds) == {"full"} else "another layout"
     return (f"warning: --layout longgen converts a model trained with {trained} without training it: the KV cache "
             "shrinks (and on a GPU long prompts run faster), but the sparse layers lose every token outside their "
             "pattern, so long-range retrieval breaks (a passkey beyond the window is not found); a model trained "

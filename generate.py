@@ -269,12 +269,13 @@ def kv_saving(cfg, length: int, dtype=torch.float32) -> float:
 
 
 def stats_line(model: Transformer, stats: dict) -> str:
-    kinds = ", ".join(f"{model.cfg.attn.count(k)} {k} {human_bytes(n)}" for k, n in stats["kv_bytes_by_kind"].items())
-    full = [i for i, kind in enumerate(model.cfg.attn) if kind == "full"]
-    if len(full) < len(model.cfg.attn):
+    kinds = ", ".join(f"{model.cfg.layer_kinds.count(k)} {k} {human_bytes(n)}"
+                      for k, n in stats["kv_bytes_by_kind"].items())
+    full = [i for i, kind in enumerate(model.cfg.layer_kinds) if kind == "full"]
+    if len(full) < len(model.cfg.layer_kinds):
         kinds += f"; full layers {layer_ranges(full) or 'none'}"
     saved = 1 - stats["kv_bytes"] / stats["kv_full_bytes"]
-    if set(model.cfg.attn) == {"full"}:
+    if set(model.cfg.layer_kinds) == {"full"}:
         saving = "every layer full: no saving; --layout longgen converts"
     else:  # sink + window layers hold a constant window: the saving grows with the length
         length = stats["prompt_tokens"] + stats["new_tokens"]

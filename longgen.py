@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import tokenizer as tokenizers
+import tokenizer
 import weights
 from errors import UserError
 from masks import KINDS
@@ -70,7 +70,7 @@ def convert(model_or_config: Transformer | Config, *, sparse: str = "sink_window
     if set(pattern) - allowed:
         raise UserError(f"Unknown pattern settings {sorted(set(pattern) - allowed)}; valid ones: {sorted(allowed)}.")
     return _with_config(model_or_config, lambda cfg: replace(
-        cfg, attn=longgen_layout(cfg.n_layers, full_fraction, placement, sparse, full_layers), **pattern,
+        cfg, layer_kinds=longgen_layout(cfg.n_layers, full_fraction, placement, sparse, full_layers), **pattern,
         rope_theta=rope_theta or cfg.rope_theta, max_seq_len=max_seq_len or cfg.max_seq_len))
 
 
@@ -81,7 +81,7 @@ def n_full_layers(n_layers: int, full_fraction: float = 1 / 3) -> int:
 
 def full_attention(model_or_config: Transformer | Config) -> Transformer | Config:
     """The same model with every layer full (the baseline LongGen is compared with)."""
-    return _with_config(model_or_config, lambda cfg: replace(cfg, attn=("full",) * cfg.n_layers))
+    return _with_config(model_or_config, lambda cfg: replace(cfg, layer_kinds=("full",) * cfg.n_layers))
 
 
 def _with_config(model_or_config, change):
@@ -99,10 +99,10 @@ def load(checkpoint: str | Path | None = None, *, device=None, dtype: torch.dtyp
     path = weights.resolve(checkpoint) if checkpoint is not None else weights.default_checkpoint()
     if path.suffix == ".gguf" and path.is_file():  # one parse of the header serves weights and tokeniser
         reader = weights.open_gguf(path)
-        (cfg, state_dict), tok = weights.read_gguf(reader), tokenizers.from_gguf(reader)
+        (cfg, state_dict), tok = weights.read_gguf(reader), tokenizer.from_gguf(reader)
     else:
         cfg, state_dict = weights.read_checkpoint(path)
-        tok = tokenizers.load(path)
+        tok = tokenizer.load(path)
     check_vocab(cfg, tok, path)
     return build(cfg, state_dict, device=device, dtype=dtype), tok
 

@@ -10,7 +10,7 @@ Each pattern below is a mask_mod factory whose docstring states the exact inequa
 tensors so that changing a value never recompiles a kernel. Beside each one is its *block rule*: for a rectangle of
 query positions [q_lo, q_hi] x key positions [k_lo, k_hi] it answers "is any pair allowed?" and "are all pairs
 allowed?" in closed form. `block_mask` uses those rules to build a BlockMask straight from the block grid, which at 128K
-tokens takes milliseconds, where `create_block_mask` evaluates all S x S pairs (1.5-5 s on an H100).
+tokens takes milliseconds, where `create_block_mask` evaluates all S x S pairs (seconds; BENCHMARKS.md).
 
 Positions are logical token positions. Packed documents (`document`) and chunked prefill (`q_offset`) only change which
 positions the physical indices stand for.
@@ -29,8 +29,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (b, h, q_idx, kv_idx) -> bool
 
-# Captured parameters are int32 like flex's own indices: int64 arithmetic (`//`, `%`) made the strided kernel 3x slower
-# on an H100, and int32 tensors run as fast as compile-time constants without recompiling when a value changes.
+# Captured parameters are int32 like flex's own indices: int64 arithmetic (`//`, `%`) is slow on a GPU, and int32
+# tensors run as fast as compile-time constants without recompiling when a value changes (see BENCHMARKS.md).
 _INDEX = torch.int32
 
 
@@ -250,8 +250,7 @@ def block_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_o
         if not bool((doc_ids[:, 1:] >= doc_ids[:, :-1]).all()):
             raise ValueError("doc_ids must be non-decreasing along each row (one number per packed document).")
         any_, all_ = document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi)
-    # A block cut short by the end of the sequence is never full (as create_block_mask pads it with masked entries).
-    all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+    all_ = all_ & whole_tiles(q_cut, k_cut)
     return from_block_grid(any_, all_, _full_mask_mod(pattern, q_offset, doc_ids, device), q_len, kv_len, (QB, KB))
 
 
@@ -269,6 +268,12 @@ def block_ranges(length: int, block: int, offset: int = 0, device=None):
     lo = torch.arange(0, length, block, device=device)
     hi = torch.clamp(lo + block - 1, max=length - 1)
     return lo + offset, hi + offset, hi - lo + 1 < block
+
+
+def whole_tiles(q_cut: Tensor, k_cut: Tensor) -> Tensor:
+    """(NQ,), (NK,) -> (NQ, NK): the tiles of two whole blocks. A tile with a block cut short by the end of the
+    sequence is never full, as create_block_mask pads it with masked entries."""
+    return ~q_cut[:, None] & ~k_cut[None, :]
 
 
 def document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi):

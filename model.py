@@ -46,7 +46,7 @@ class Config:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
-    attn: tuple[str, ...] = ()  # one kind per layer (masks.KINDS); empty: every layer full
+    layer_kinds: tuple[str, ...] = ()  # each layer's attention kind (masks.KINDS); empty: every layer full
     # LongGen's sparse patterns, in tokens (paper defaults; masks.py states each pattern exactly)
     n_sink: int = 64  # sink_window: first tokens always visible (one block)
     window: int = 2048  # sink_window: most recent tokens visible (32 blocks)
@@ -60,9 +60,9 @@ class Config:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
         if self.n_kv_heads == 0:
             set_("n_kv_heads", self.n_heads)
-        if not self.attn:
-            set_("attn", ("full",) * self.n_layers)
-        set_("attn", tuple(self.attn))
+        if not self.layer_kinds:
+            set_("layer_kinds", ("full",) * self.n_layers)
+        set_("layer_kinds", tuple(self.layer_kinds))
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "window",
                      "block", "local_blocks", "stride", "mask_block"):
             if getattr(self, name) <= 0:
@@ -80,8 +80,8 @@ class Config:
                                               or self.rope_scaling.factor <= 0):
             raise UserError(f"rope_scaling must be of kind 'linear' or 'llama3' with factor > 0, "
                             f"not {self.rope_scaling}.")
-        if len(self.attn) != self.n_layers or not set(self.attn) <= set(KINDS):
-            raise UserError(f"attn must name one of {', '.join(KINDS)} for each of the {self.n_layers} layers.")
+        if len(self.layer_kinds) != self.n_layers or not set(self.layer_kinds) <= set(KINDS):
+            raise UserError(f"layer_kinds must name one of {', '.join(KINDS)} for each of the {self.n_layers} layers.")
         set_("head_dim", self.dim // self.n_heads)
 
     def weight_shapes(self) -> tuple:
@@ -159,27 +159,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # One compiled flex serves every mask: parameters are tensors, so new masks do not recompile, and a second sequence
 # length makes lengths dynamic. Each attention kind, key layout and grad mode is still a graph of its own: allow them,
-# and fail loudly past that instead of silently running flex unfused (which asked for 512 GiB at 128K, GPU.md).
+# and fail loudly past that instead of silently running flex unfused (which materialises the whole score matrix).
 # Made at import: torch.compile is lazy, and a wrapper first made while dynamo traces a caller would run eagerly.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 torch._dynamo.config.fail_on_recompile_limit_hit = True
 _compiled_flex = torch.compile(flex_attention)
 
 
-def flex(q, k, v, block_mask: BlockMask):
+def compiled_flex_attention(q, k, v, block_mask: BlockMask):
     """Compiled FlexAttention (uncompiled flex materialises the whole score matrix)."""
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
-def attend(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:
-    """mask: None = causal over equal lengths (SDPA flash), a BlockMask (flex), a (B, 1, T, S) bool tensor (SDPA), or
-    an object with its own `attend` (context_parallel.CPAttention: fetches other ranks' keys, then attends)."""
-    if hasattr(mask, "attend"):
-        return mask.attend(q_BHTE, k_BGSE, v_BGSE)
+def masked_attention(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:
+    """Attention under a mask of any form. mask: None = causal over equal lengths (SDPA flash), a BlockMask (flex), a
+    (B, 1, T, S) bool tensor (SDPA), or an object with `exchange_and_attend` (context_parallel.CPAttention: fetches
+    other ranks' keys, then attends)."""
+    if hasattr(mask, "exchange_and_attend"):
+        return mask.exchange_and_attend(q_BHTE, k_BGSE, v_BGSE)
     if mask is None:
         return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, is_causal=True, enable_gqa=True)
     if isinstance(mask, BlockMask):
-        return flex(q_BHTE, k_BGSE, v_BGSE, mask)
+        return compiled_flex_attention(q_BHTE, k_BGSE, v_BGSE, mask)
     return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, attn_mask=mask, enable_gqa=True)
 
 
@@ -192,7 +193,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def attend(self, x_BTD, norm, rope, mask, cache=None):
+    def forward(self, x_BTD, norm, rope, mask, cache=None):
         """RMSNorm (`norm`), the q/k/v product, RoPE and the attention: (B, T, H * E) out, for wo."""
         B, T, _ = x_BTD.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
@@ -208,7 +209,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if cache is not None:
                 k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
-        y = attend(q, k, v, mask)  # (B, H, T, E)
+        y = masked_attention(q, k, v, mask)  # (B, H, T, E)
         return y.transpose(1, 2).reshape(B, T, -1)
 
 
@@ -234,7 +235,7 @@ class Block(nn.Module):
         """h = x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)), written with kernels.py's products:
         decoding one sequence on a GPU, each norm, activation and residual add runs inside the product next to it."""
         attn, ffn = self.attention, self.feed_forward
-        h = kernels.linear(attn.attend(x_BTD, self.attention_norm, rope, mask, cache), attn.wo, residual=x_BTD)
+        h = kernels.linear(attn(x_BTD, self.attention_norm, rope, mask, cache), attn.wo, residual=x_BTD)
         gate_up = kernels.norm_linear(h, self.ffn_norm, ffn.w13)
         return kernels.gated_linear(gate_up, ffn.w2, residual=h)
 
@@ -264,7 +265,7 @@ class Transformer(nn.Module):
         (SDPA's causal flash kernel) for full layers, and for sparse ones when T is within their reach (Pattern.reach:
         every causal pair is allowed there)."""
         use_flex, masks = self.flex_for(T, device), {}
-        for kind in set(self.cfg.attn):
+        for kind in set(self.cfg.layer_kinds):
             pattern = self.cfg.pattern(kind)
             if doc_ids is None and T <= pattern.reach():
                 masks[kind] = None  # every causal pair allowed (Pattern.reach): SDPA's own flash path
@@ -300,7 +301,7 @@ class Transformer(nn.Module):
             masks = self.masks(T, doc_ids, B, device)
         h = self.tok_embeddings(tokens_BT)  # (B, T, D)
         rope = rope_angles(rope_frequencies(self.cfg, device), positions, h.dtype)
-        for layer, kind in zip(self.layers, self.cfg.attn):
+        for layer, kind in zip(self.layers, self.cfg.layer_kinds):
             h = layer(h, rope, masks[kind], cache)
         if cache is not None:
             cache.advance(T)

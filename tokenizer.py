@@ -25,7 +25,7 @@ import regex
 import tiktoken
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from errors import UserError
+from errors import UserError, read_json
 
 # Split patterns. GPT2_DIGITS is HF's Digits(individual_digits=True) followed by GPT-2's ByteLevel regex, in one
 # pattern: each digit is a piece of its own, and whitespace just before a digit stays in one piece.
@@ -374,7 +374,7 @@ def from_hf(directory: str | Path) -> BaseTokenizer:
     """The tokenizer in an HF directory: tokenizer.json (byte-level BPE), with tokenizer_config.json (BOS, EOS,
     chat template), chat_template.jinja and generation_config.json (more stop ids) where present."""
     directory = _existing(directory)
-    read = lambda name: _read_json(directory / name) if (directory / name).is_file() else {}  # noqa: E731
+    read = lambda name: read_json(directory / name) if (directory / name).is_file() else {}  # noqa: E731
     spec, config, generation = read("tokenizer.json"), read("tokenizer_config.json"), read("generation_config.json")
     model, pattern = spec.get("model", {}), _hf_pattern(spec.get("pre_tokenizer"))
     if model.get("type") == "BPE" and model.get("byte_fallback") and _is_llama2(spec):
@@ -421,7 +421,7 @@ def load(path: str | Path) -> BaseTokenizer:
         return from_gguf(path)
     if (path / META_FILE).is_file():
         try:
-            if "sentencepiece" in (meta := _read_json(path / META_FILE)):
+            if "sentencepiece" in (meta := read_json(path / META_FILE)):
                 return SentencePieceTokenizer(**meta.pop("sentencepiece"), **meta)
             return Tokenizer(_read_ranks(path / RANKS_FILE), **meta)
         except TypeError as e:  # META_FILE lacks a setting or has one we do not know
@@ -445,13 +445,6 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     except (OSError, ValueError):  # ValueError: not two fields, bad base64 (binascii.Error), a rank not a number
         raise UserError(f"Could not read {path} as a tiktoken BPE file; for a SentencePiece tokenizer.model (Llama "
                         "2), give the checkpoint's tokenizer.json or a GGUF of it instead.") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not read {path} as JSON ({e}); re-download or re-create it.") from None
 
 
 def _existing(path: str | Path) -> Path:

@@ -35,7 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import calibrate
 import checkpoint
 import longgen
-import tokenizer as tokenizers
+import tokenizer
 import weights
 from config import load_config
 from context_parallel import cp_forward, cp_mean, exchange_report, shard
@@ -294,8 +294,8 @@ def step_flops(model_cfg, n_params: int, doc_ids, doc_masking: bool) -> float:
     actually allows (forward 4 H E per pair, backward twice that)."""
     lengths = [torch.bincount(row).tolist() if doc_masking else [row.numel()] for row in doc_ids[:, :-1]]
     pairs = {kind: sum(model_cfg.pattern(kind).pairs(n) for row in lengths for n in row if n)
-             for kind in set(model_cfg.attn)}
-    attention = sum(12 * pairs[kind] * model_cfg.n_heads * model_cfg.head_dim for kind in model_cfg.attn)
+             for kind in set(model_cfg.layer_kinds)}
+    attention = sum(12 * pairs[kind] * model_cfg.n_heads * model_cfg.head_dim for kind in model_cfg.layer_kinds)
     return 6 * n_params * doc_ids[:, :-1].numel() + attention
 
 
@@ -343,7 +343,7 @@ def run(cfg, rank, world, device, resume, export_only, fall_back=False):
     out_dir = Path(cfg.out_dir)
     _lock, latest = checkpoint.open_run(out_dir, resume or export_only, fall_back)  # held until run returns
     log = (lambda record: None) if rank else _jsonl(out_dir / "metrics.jsonl")
-    tok = tokenizers.load(cfg.tokenizer or cfg.checkpoint or weights.default_checkpoint())
+    tok = tokenizer.load(cfg.tokenizer or cfg.checkpoint or weights.default_checkpoint())
     prefix = [tok.bos_id] if tok.add_bos else []  # documents are wrapped as prefix + text + separator
     separator = tok.encode(cfg.separator, add_bos=False) if cfg.separator else [tok.eos_id]
     base, state_dict = base_model(cfg, tok)
@@ -380,7 +380,7 @@ def run(cfg, rank, world, device, resume, export_only, fall_back=False):
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     log(dict(event="setup", world_size=world, device=str(device), params=total, local_params=local,
-             layout=list(model_cfg.attn), float8_layers=float8_layers, resumed_at=step, data=stream.stats()))
+             layout=list(model_cfg.layer_kinds), float8_layers=float8_layers, resumed_at=step, data=stream.stats()))
     if export_only:
         export(out_dir, model, model_cfg, tok, step, cfg)
         return

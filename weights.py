@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from errors import UserError
+from errors import UserError, read_json
 from model import Config, RopeScaling
 
 # ------------------------------------------------------------------------------------------------ the default model
@@ -231,7 +231,7 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
 
 def read_hf(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     directory = Path(directory)
-    hf = _read_json(directory / "config.json")
+    hf = read_json(directory / "config.json")
 
     def need(key):
         if key not in hf:
@@ -289,7 +289,7 @@ def _ours_to_hf(name: str) -> str:
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        return [directory / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+        return [directory / f for f in sorted(set(read_json(index)["weight_map"].values()))]
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files
@@ -300,15 +300,17 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 
 # The project's own format: longgen.json (config, format version) + model.safetensors + the tokenizer's files.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer's attention kind is "layer_kinds"; format 1 called it "attn", still read
+READ_FORMATS = (1, 2)
+RENAMED = {"attn": "layer_kinds"}  # format 1's config keys -> today's
 
 
 def read_longgen(directory) -> tuple[Config, dict[str, torch.Tensor]]:
     directory = Path(directory)
-    meta = _read_json(directory / "longgen.json")
-    if meta.get("format") != FORMAT_VERSION:
+    meta = read_json(directory / "longgen.json")
+    if meta.get("format") not in READ_FORMATS:
         raise UserError(f"{directory} is longgen checkpoint format {meta.get('format')}, this code reads "
-                        f"{FORMAT_VERSION}; update longgen.")
+                        f"{' and '.join(map(str, READ_FORMATS))}; update longgen.")
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"{directory / 'longgen.json'} lacks the model's config; the checkpoint is damaged: export "
                         "it again (train.py --export).")
@@ -319,22 +321,33 @@ def read_longgen(directory) -> tuple[Config, dict[str, torch.Tensor]]:
 
 def config_to_dict(cfg: Config) -> dict:
     d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init}
-    d["attn"] = list(cfg.attn)
+    d["layer_kinds"] = list(cfg.layer_kinds)
     d["rope_scaling"] = asdict(cfg.rope_scaling) if cfg.rope_scaling else None
     return d
 
 
 def config_from_dict(d: dict) -> Config:
+    d = _renamed(d)
     known = {f.name for f in fields(Config) if f.init}
     unknown = set(d) - known
     if unknown:
         raise UserError(f"Unknown config keys {sorted(unknown)}; valid keys are {sorted(known)}.")
-    d = dict(d)
     if d.get("rope_scaling"):
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    if "attn" in d:
-        d["attn"] = tuple(d["attn"])
+    if "layer_kinds" in d:
+        d["layer_kinds"] = tuple(d["layer_kinds"])
     return Config(**d)
+
+
+def _renamed(d: dict) -> dict:
+    """A copy of a config dict with format 1's key names (RENAMED) given today's."""
+    d = dict(d)
+    for old, new in RENAMED.items():
+        if old in d:
+            if new in d:
+                raise UserError(f"The config has both {old!r} and {new!r}; keep {new!r} only.")
+            d[new] = d.pop(old)
+    return d
 
 
 def save_checkpoint(directory, cfg: Config, state_dict: dict[str, torch.Tensor], tokenizer=None,
@@ -401,7 +414,7 @@ def clean_leftovers(directory: Path) -> None:
 
 # Hugging Face out: a Llama directory transformers loads. Its Llama attends fully in every layer; the LongGen layout
 # and pattern settings go in config.json's "longgen" entry, which read_hf applies.
-LAYOUT_KEYS = ("attn", "n_sink", "window", "block", "local_blocks", "stride", "mask_block")
+LAYOUT_KEYS = ("layer_kinds", "n_sink", "window", "block", "local_blocks", "stride", "mask_block")
 
 
 def export_hf(directory, cfg: Config, state_dict: dict[str, torch.Tensor], tokenizer=None) -> None:
@@ -457,19 +470,11 @@ def export_hf(directory, cfg: Config, state_dict: dict[str, torch.Tensor], token
 
 def _with_layout(cfg: Config, layout: dict, source: Path) -> Config:
     """cfg with the layout and pattern settings export_hf recorded."""
-    if layout.get("format") != FORMAT_VERSION or set(layout) - {"format", *LAYOUT_KEYS}:
+    layout = _renamed(layout)
+    if layout.get("format") not in READ_FORMATS or set(layout) - {"format", *LAYOUT_KEYS}:
         raise UserError(f"The \"longgen\" entry of {source} is not one this code wrote (format {FORMAT_VERSION}, "
                         f"keys {', '.join(LAYOUT_KEYS)}); remove it to load the model with every layer full.")
     return replace(cfg, **{k: v for k, v in layout.items() if k != "format"})
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; the checkpoint directory is incomplete.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); restore the file.") from e
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ LAYOUTS = {
 
 def tiny(layout: str, **overrides):
     torch.manual_seed(0)
-    model = build(preset("tiny", attn=LAYOUTS[layout], **overrides))
+    model = build(preset("tiny", layer_kinds=LAYOUTS[layout], **overrides))
     init_weights(model, std=0.08)  # peaked logits: no near-ties for greedy decoding to trip on
     return model.eval()
 

@@ -73,7 +73,7 @@ def test_the_planted_copying_layer_is_kept_full(rule):
     assert cal.nll_full < 0.5  # the full model copies the span
     assert max(range(6), key=lambda i: cal.single[i]) == PLANTED
     assert cal.single[PLANTED] > 2.0 and max(abs(x) for i, x in enumerate(cal.single) if i != PLANTED) < 0.5
-    assert model.cfg.attn == ("full",) * 6  # the model is left as it was
+    assert model.cfg.layer_kinds == ("full",) * 6  # the model is left as it was
 
 
 def test_validation_measures_windows_the_choice_never_saw():
@@ -134,7 +134,7 @@ def test_too_little_text_is_one_sentence():
 
 def test_calibrated_layout_in_convert():
     cfg = longgen.convert(preset("tiny"), placement="calibrated", full_layers=[1, 4])
-    assert cfg.attn == ("sink_window", "full", "sink_window", "sink_window", "full", "sink_window")
+    assert cfg.layer_kinds == ("sink_window", "full", "sink_window", "sink_window", "full", "sink_window")
     assert longgen.n_full_layers(30) == 10 and longgen.n_full_layers(32) == 12
     with pytest.raises(UserError, match="needs the layers to keep full"):
         longgen.convert(preset("tiny"), placement="calibrated")

@@ -27,17 +27,17 @@ DOCS = torch.tensor([[0] * 40 + [1] * 50 + [2] * 38, [0] * 5 + [1] * 59 + [2] * 
 def cases() -> dict:
     """name -> (config, doc_ids (B, S) or None, exchange)."""
     tiny = preset("tiny")
-    short = replace(tiny, n_layers=3, attn=("full",) * 3)  # LongGen: the middle layer full, the others sparse
+    short = replace(tiny, n_layers=3, layer_kinds=("full",) * 3)  # LongGen: the middle layer full, the others sparse
     return {
         "full": (tiny, None, "pattern"),
-        "sink_window": (replace(tiny, attn=("sink_window",) * tiny.n_layers), None, "pattern"),
-        "strided": (replace(tiny, attn=("strided",) * tiny.n_layers), None, "pattern"),
+        "sink_window": (replace(tiny, layer_kinds=("sink_window",) * tiny.n_layers), None, "pattern"),
+        "strided": (replace(tiny, layer_kinds=("strided",) * tiny.n_layers), None, "pattern"),
         "longgen": (longgen.convert(tiny, sparse="sink_window"), None, "pattern"),
         "longgen_allgather": (longgen.convert(short, sparse="strided"), None, "allgather"),
         **{f"longgen_{sparse}_documents_{exchange}": (longgen.convert(short, sparse=sparse), DOCS, exchange)
            for sparse in ("sink_window", "strided") for exchange in ("pattern", "allgather")},
         # no sink: some pairs of ranks exchange no row at all
-        "window_only_documents": (replace(tiny, n_layers=2, n_sink=0, attn=("sink_window",) * 2), DOCS, "pattern"),
+        "window_only_documents": (replace(tiny, n_layers=2, n_sink=0, layer_kinds=("sink_window",) * 2), DOCS, "pattern"),
     }
 
 
@@ -138,9 +138,9 @@ def test_exchange_is_counted(parallel):
     for name, (cfg, docs, exchange) in cases().items():
         report = ranks[0][name]["exchange"]
         assert report == ranks[-1][name]["exchange"]  # summed over the ranks: the same on each
-        assert sorted(report) == sorted(set(cfg.attn))
+        assert sorted(report) == sorted(set(cfg.layer_kinds))
         for kind, r in report.items():
-            assert r["layers"] == cfg.attn.count(kind)
+            assert r["layers"] == cfg.layer_kinds.count(kind)
             assert r["allgather_rows_per_layer"] == cp * (cp - 1) * T
             assert r["bytes_per_step"] == 2 * r["layers"] * r["rows_per_layer"] * row_bytes
             if kind == "full" or exchange == "allgather":
@@ -240,7 +240,7 @@ def test_flex_block_mask_equals_dense_mask(kind, keys):
     batch = 1 if docs is None else 2
     q, k, v = (torch.randn(batch, heads, n, 16) for heads, n in ((4, len(q_pos)), (2, len(k_pos)), (2, len(k_pos))))
     dense = cp_mask(pattern, q_pos, k_pos, docs, k_real_K=real)
-    block_mask = cp_mask(pattern, q_pos, k_pos, docs, flex=True, block_size=tile, k_real_K=real)
+    block_mask = cp_mask(pattern, q_pos, k_pos, docs, use_flex=True, block_size=tile, k_real_K=real)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True), expected,
                                atol=1e-5, rtol=1e-5)

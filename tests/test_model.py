@@ -78,7 +78,7 @@ def test_longgen_equals_full_below_the_window(smollm2, sparse):
         full = ours(tokens)
         longgen.convert(ours, sparse=sparse)
         try:
-            assert ours.cfg.attn.count("full") == 10 and ours.cfg.attn.count(sparse) == 20
+            assert ours.cfg.layer_kinds.count("full") == 10 and ours.cfg.layer_kinds.count(sparse) == 20
             torch.testing.assert_close(ours(tokens), full, atol=1e-5, rtol=1e-5)
         finally:
             longgen.full_attention(ours)
@@ -164,7 +164,7 @@ def test_flex_on_gpu_equals_dense_fallback(sparse):
     (dict(window=-1), "window"),
     (dict(stride=0), "stride"),
     (dict(n_heads=4, n_kv_heads=3), "divisible"),
-    (dict(attn=("full", "nope")), "attn"),
+    (dict(layer_kinds=("full", "nope")), "layer_kinds"),
     (dict(rope_scaling=RopeScaling("yarn", 2.0)), "rope"),
 ])
 def test_bad_config_values_are_one_clear_sentence(bad, message):

@@ -82,17 +82,17 @@ def test_calibrated_placement_calibrates_at_step_0_and_keeps_the_layout(tmp_path
     layout = tuple("full" if i in cal["full_layers"] else "sink_window" for i in range(6))
     assert tuple(records[0]["layout"]) == layout
     model, _ = longgen.load(out / "final")
-    assert model.cfg.attn == layout  # the trained checkpoint records it
+    assert model.cfg.layer_kinds == layout  # the trained checkpoint records it
     given = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", ["placement=calibrated",
                                                                           "full_layers=[0,5]"])
-    assert train_py.model_config(given, train_py.base_model(given, type("Tok", (), {"n_vocab": 512}))[0]).attn == (
+    assert train_py.model_config(given, train_py.base_model(given, type("Tok", (), {"n_vocab": 512}))[0]).layer_kinds == (
         "full", "sink_window", "sink_window", "sink_window", "sink_window", "full")
 
 
 def test_exported_model_generates(uninterrupted):
     out, _ = uninterrupted
     model, tok = longgen.load(out / "final")
-    assert model.cfg.attn.count("sink_window") == 4  # the checkpoint records its LongGen layout
+    assert model.cfg.layer_kinds.count("sink_window") == 4  # the checkpoint records its LongGen layout
     done = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(out / "final"), "--prompt",
                            "The long context", "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -156,7 +156,7 @@ def test_pattern_keys_reach_the_converted_model():
     cfg = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", ["pattern.window=40", "pattern.n_sink=0"])
     tok = type("Tok", (), {"n_vocab": 512})
     model_cfg = train_py.model_config(cfg, train_py.base_model(cfg, tok)[0])
-    assert (model_cfg.window, model_cfg.n_sink) == (40, 0) and "sink_window" in model_cfg.attn
+    assert (model_cfg.window, model_cfg.n_sink) == (40, 0) and "sink_window" in model_cfg.layer_kinds
     plain = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml")
     default = train_py.model_config(plain, train_py.base_model(plain, tok)[0])
     assert default.window != 40

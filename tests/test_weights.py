@@ -47,10 +47,31 @@ def test_own_checkpoint_round_trip_keeps_layout_and_weights(tmp_path):
     model = build(cfg)
     weights.save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict(), extra={"step": 7})
     cfg2, state_dict = weights.read_checkpoint(tmp_path / "ckpt")
-    assert cfg2 == cfg and cfg2.attn.count("strided") == 4
+    assert cfg2 == cfg and cfg2.layer_kinds.count("strided") == 4
     for name, w in model.state_dict().items():
         assert torch.equal(state_dict[name], w), name
     assert json.loads((tmp_path / "ckpt" / "longgen.json").read_text())["step"] == 7
+
+
+def test_format_1_checkpoints_and_hf_exports_still_load(tmp_path):
+    """Format 1 named each layer's attention kind "attn"; its longgen.json and exported config.json load unchanged."""
+    cfg = longgen.convert(preset("tiny"), sparse="strided")
+    state = build(cfg).state_dict()
+    weights.save_checkpoint(tmp_path / "ckpt", cfg, state)
+    weights.export_hf(tmp_path / "hf", cfg, state)
+    for path, key in ((tmp_path / "ckpt" / "longgen.json", "config"), (tmp_path / "hf" / "config.json", "longgen")):
+        meta = json.loads(path.read_text())
+        entry = meta[key] if key == "config" else meta["longgen"]
+        entry["attn"] = entry.pop("layer_kinds")
+        (meta if key == "config" else entry)["format"] = 1
+        path.write_text(json.dumps(meta))
+    for directory in ("ckpt", "hf"):
+        assert weights.read_checkpoint(tmp_path / directory)[0].layer_kinds == cfg.layer_kinds
+    meta = json.loads((tmp_path / "ckpt" / "longgen.json").read_text())
+    meta["config"]["layer_kinds"] = meta["config"]["attn"]
+    (tmp_path / "ckpt" / "longgen.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="has both 'attn' and 'layer_kinds'; keep 'layer_kinds' only"):
+        weights.read_checkpoint(tmp_path / "ckpt")
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -324,7 +345,7 @@ def test_hf_export_of_a_longgen_model_keeps_its_layout(tmp_path, smollm2_gguf):
     model = build(cfg)
     weights.export_hf(tmp_path / "hf", cfg, model.state_dict(), tok)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["longgen"]["attn"] == list(cfg.attn) and config["longgen"]["stride"] == 8
+    assert config["longgen"]["layer_kinds"] == list(cfg.layer_kinds) and config["longgen"]["stride"] == 8
     loaded, tok2 = longgen.load(tmp_path / "hf")
     assert loaded.cfg == cfg and tok2.encode("The long context") == tok.encode("The long context")
     for name, w in model.state_dict().items():
