@@ -185,6 +185,17 @@ def model_config(cfg: TrainConfig, base, full_layers: list[int] | None = None):
     return longgen.full_attention(new) if cfg.baseline == "full" else new
 
 
+def rank0_first(load):
+    """load() on rank 0 first (it tokenises and caches the corpus), then on the others (they read the cache): two ranks
+    writing one token store at once would race."""
+    if dist.get_rank() == 0:
+        result = load()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        result = load()
+    return result
+
+
 def calibrated_layers(cfg: TrainConfig, base, state_dict, tok, device, out_dir: Path) -> list[int]:
     """placement=calibrated without full_layers: the layers to keep full, measured on the pretrained model at its own
     context and RoPE base (calibrate.py), as many as the paper's rule keeps. Every rank runs the same calibration and
@@ -202,7 +213,7 @@ def calibrated_layers(cfg: TrainConfig, base, state_dict, tok, device, out_dir: 
     full = replace(longgen.full_attention(base), **cfg.pattern.overrides())
     model = build(full, state_dict, device=device, dtype=dtype).eval()
     split = "eval" if cfg.data.eval_fraction > 0 else "train"
-    docs = [d for ds in load_documents(cfg.data, tok, split).values() for d in ds]
+    docs = [d for ds in rank0_first(lambda: load_documents(cfg.data, tok, split)).values() for d in ds]
     c = cfg.calibration
     probe = calibrate.Probe(samples=c.samples, length=c.length, seed=c.seed)
     cal = calibrate.calibrate(model, docs, n_full, sparse=cfg.sparse, rule=c.rule, probe=probe,
@@ -364,13 +375,8 @@ def run(cfg, rank, world, device, resume, export_only, fall_back=False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if rank == 0:  # rank 0 tokenises and caches the corpus; the others then read the cache
-        docs = load_documents(cfg.data, tok, "train")
-        eval_docs = load_documents(cfg.data, tok, "eval") if cfg.eval_every else None  # checked before any step
-    dist.barrier()
-    if rank != 0:
-        docs = load_documents(cfg.data, tok, "train")
-        eval_docs = load_documents(cfg.data, tok, "eval") if cfg.eval_every else None
+    docs, eval_docs = rank0_first(lambda: (load_documents(cfg.data, tok, "train"),  # eval checked before any step
+                                           load_documents(cfg.data, tok, "eval") if cfg.eval_every else None))
     stream = PackedStream(docs, cfg.seq_len, seed=cfg.seed, upsample_long=cfg.data.upsample_long,
                           long_doc_tokens=cfg.data.long_doc_tokens, prefix=prefix, suffix=separator, rank=dp_rank,
                           world_size=dp_world)
