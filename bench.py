@@ -80,14 +80,19 @@ def timed_s(fn, device) -> float:
 
 def ceilings(device) -> dict:
     """Copy bandwidth (bytes read + written per second) and the bf16 matmul rate of this device."""
-    cuda = torch.device(device).type == "cuda"
-    n, m = (2**29, 8192) if cuda else (2**23, 512)  # 1 GiB / 16 MiB of bf16; matmul side
+    m = 8192 if torch.device(device).type == "cuda" else 512  # matmul side
+    a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_ms = median_ms(lambda: [a @ b for _ in range(10)], device, 5) / 10
+    return dict(copy_GBps=measure_copy_GBps(device), matmul_TFLOPs=2 * m**3 / mm_ms / 1e9)
+
+
+def measure_copy_GBps(device) -> float:
+    """Bytes read + written per second by a device-to-device copy of 1 GiB of bf16 (16 MiB off a GPU)."""
+    n = 2**29 if torch.device(device).type == "cuda" else 2**23
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     copy_ms = median_ms(lambda: [dst.copy_(src) for _ in range(10)], device, 5) / 10
-    a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mm_ms = median_ms(lambda: [a @ b for _ in range(10)], device, 5) / 10
-    return dict(copy_GBps=2 * src.nbytes / copy_ms / 1e6, matmul_TFLOPs=2 * m**3 / mm_ms / 1e9)
+    return 2 * src.nbytes / copy_ms / 1e6
 
 
 def free_bytes(device) -> float:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from bench import elapsed_ms, measure_copy_GBps
 from errors import UserError, run_cli
 
 PARTS = ("gemv", "rope")
@@ -70,16 +71,7 @@ def graph_us(fn, repeats: int = 5) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return statistics.median(event_ms(graph.replay) for _ in range(repeats)) * 1e3
-
-
-def event_ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+    return statistics.median(elapsed_ms(graph.replay, "cuda") for _ in range(repeats)) * 1e3
 
 
 def copies(N: int, K: int) -> int:
@@ -153,19 +145,6 @@ def sweep_rope(cfg, budget_s: float, copy_GBps: float, log) -> tuple[dict, list]
     return {f"{E}x{K}": list(pick(results, 0.01)["tiles"])}, results
 
 
-def timed_us(fn, calls: int = 10) -> float:
-    fn(), fn()
-    torch.cuda.synchronize()
-    return statistics.median(event_ms(lambda: [fn() for _ in range(calls)]) for _ in range(5)) / calls * 1e3
-
-
-def copy_GBps() -> float:
-    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = statistics.median(event_ms(lambda: [dst.copy_(src) for _ in range(10)]) for _ in range(5)) / 10
-    return 2 * src.nbytes / ms / 1e6
-
-
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,7 +170,7 @@ def main(argv=None) -> None:
     cfg, key = preset(args.preset), kernels.device_key("cuda")
     import triton
 
-    rate = copy_GBps()
+    rate = measure_copy_GBps("cuda")
     report = dict(device=key, torch=torch.__version__, triton=triton.__version__, preset=args.preset,
                   date=datetime.date.today().isoformat(), copy_GBps=rate)
     log = lambda line: print(line, flush=True)  # noqa: E731

@@ -6,7 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 # Entry points: run, never imported by library code (a benchmark may import another benchmark or the recipe).
-SCRIPTS = {"bench", "bench_cp", "bench_data", "bench_masks", "build_corpus", "eval", "plot_runs", "train"}
+SCRIPTS = {"bench", "bench_cp", "bench_data", "bench_masks", "bench_tiles", "build_corpus", "eval", "plot_runs",
+           "train"}
 ALLOWED_CIRCLES = {frozenset({"kernels", "model"})}  # model.py calls kernels.py's products; goes with model.py's split
 
 
