@@ -99,7 +99,6 @@ class Cache:
         self.lengths = torch.zeros(batch, device=device, dtype=torch.int32)  # (B,) prompt lengths
         self.filled, self.decoding = 0, False
         self._plans: dict[str, object] = {}
-        self._alone: dict[str, bool] = {}  # kind -> this chunk attends to itself alone (a first chunk within reach)
         self._decode_masks: dict[str, BlockMask] = {}
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -176,12 +175,15 @@ class Cache:
             owner = torch.full((B, C + 1), -1, device=device, dtype=torch.long).scatter_reduce_(
                 1, slot.long(), torch.arange(T, device=device).expand(B, T), "amax")[:, :C]  # (B, C) last writer
             self._plans[kind] = owner
-            # A first chunk within the pattern's reach (masks.Pattern.reach: every causal pair of it is allowed)
-            # attends to itself alone with SDPA's causal kernel, as a full layer's first chunk does (1K-2K prompts).
-            alone = c0 == 0 and T <= kc.pattern.reach()
-            self._alone[kind] = alone
-            masks[kind] = None if alone else self._chunk_mask(kc, c0, T, use_flex)
+            # as a full layer's first chunk does (1K-2K prompts with sink + window)
+            masks[kind] = None if self._attends_alone(kc, c0, T) else self._chunk_mask(kc, c0, T, use_flex)
         return positions, masks
+
+    @staticmethod
+    def _attends_alone(kc: KindCache, c0: int, T: int) -> bool:
+        """Whether a sparse kind's chunk attends to its own T tokens alone, with SDPA's causal kernel: a first chunk
+        within the pattern's reach (masks.Pattern.reach: every causal pair of it is allowed)."""
+        return c0 == 0 and T <= kc.pattern.reach()
 
     def _chunk_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
         """Queries c0 .. c0 + T - 1 against [the cache's C slots | the chunk's T tokens]."""
@@ -235,10 +237,9 @@ class Cache:
         if plan is None:  # full
             K[:, :, c0:c1], V[:, :, c0:c1] = k_BGTE, v_BGTE
             return K[:, :, :c1], V[:, :, :c1]
-        # a first chunk within the reach attends to itself alone (_prepare_chunk); others to [the cache as it was |
-        # the chunk]
-        keys, values = (k_BGTE, v_BGTE) if self._alone[kind] else (torch.cat([K, k_BGTE], dim=2),
-                                                                    torch.cat([V, v_BGTE], dim=2))
+        # a first chunk within the reach attends to itself alone; others to [the cache as it was | the chunk]
+        keys, values = (k_BGTE, v_BGTE) if self._attends_alone(kc, c0, k_BGTE.shape[2]) else (
+            torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2))
         owner = plan  # (B, C)
         take = owner.clamp(min=0)[:, None, :, None].expand(-1, K.shape[1], -1, K.shape[3])
         stored = (owner >= 0)[:, None, :, None]
