@@ -6,8 +6,8 @@ depend on their values).
 
 For each layout (every layer full, then LongGen with each sparse variant) it measures:
 - inference, per context length and batch: the KV cache bytes actually allocated, the chunked prefill time (as
-  generate.py runs it), and decode ms/token with the compiled CUDA-graph step, against the memory-bandwidth roofline:
-  (weight bytes + KV bytes read per token) / measured copy bandwidth;
+  generate.py runs it; median of 5 for short prompts), and decode ms/token with the compiled CUDA-graph step, against
+  the memory-bandwidth roofline: (weight bytes + KV bytes read per token) / measured copy bandwidth;
 - products: each matrix-vector product of a batch-1 decoding step, as cuBLAS alone, as the plain step (norm or
   activation, cuBLAS, residual) and as kernels.py's fused Triton kernel, in GB/s of weights read;
 - masks: the time to build each sparse pattern's BlockMask at each length;
@@ -118,7 +118,8 @@ def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
     with torch.inference_mode():
         prefill(model, cache, warm_up_prompts(prompts, args.chunk), args.chunk)  # compiles flex for these shapes
         out = {}
-        prefill_ms = median_ms(lambda: out.update(logits=prefill(model, cache, prompts, args.chunk)), device, 1)
+        prefill_ms = median_ms(lambda: out.update(logits=prefill(model, cache, prompts, args.chunk)), device,
+                               prefill_repeats(length, batch))
         token = out["logits"].argmax(-1)
         decode = compiled_decode(device) if args.compile else decode_one
         state = dict(token=token)
@@ -147,6 +148,32 @@ def warm_up_prompts(prompts: list[list[int]], chunk: int) -> list[list[int]]:
     if length <= 4 * chunk:
         return prompts
     return [p[:4 * chunk + length % chunk] for p in prompts]
+
+
+def prefill_repeats(length: int, batch: int) -> int:
+    """Timed prefills per row: five for short prompts (milliseconds each, where one launch hiccup shows), one for long
+    ones (26 s at 128K)."""
+    return 5 if length * batch <= 32768 else 1
+
+
+def profile_prefill(model, layouts: dict, args) -> None:
+    """Each layout's prefill of the first length and batch, warmed up: its median time over 10, then the top GPU
+    kernels and host operations of one more under the profiler (short prompts are bound by the host's launches)."""
+    length, batch = args.lengths[0], args.batch[0]
+    prompts = torch.randint(0, model.cfg.vocab_size, (batch, length)).tolist()
+    for name, cfg in layouts.items():
+        model.cfg = cfg
+        cache = Cache(cfg, batch, length + args.new_tokens, args.device, torch.bfloat16)
+        with torch.inference_mode():
+            prefill(model, cache, prompts, args.chunk)
+            ms = median_ms(lambda: prefill(model, cache, prompts, args.chunk), args.device, 10)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                prefill(model, cache, prompts, args.chunk)
+                sync(args.device)
+        print(f"\n== {name}: prefill of {batch} x {length} tokens, median of 10: {ms:.2f} ms")
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
 
 
 def profile_decode(model, length: int, args) -> None:
@@ -331,8 +358,10 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decode and training steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write every number here (rewritten after each measurement)")
-    p.add_argument("--profile", action="store_true", help="instead: profile 20 decode steps of the first length, "
-                                                         "every layer full, and print the top kernels")
+    p.add_argument("--profile", nargs="?", const="decode", choices=("decode", "prefill"),
+                   help="instead: profile 20 decode steps of the first length, every layer full (decode, the "
+                        "default), or the prefill of the first length and batch in every layout (prefill), and print "
+                        "the top kernels and host operations")
     args = p.parse_args(argv)
     args.lengths = [parse_length(t) for t in args.lengths.split(",")]
     args.train_lengths = [parse_length(t) for t in args.train_lengths.split(",")] if args.train_lengths \
@@ -377,8 +406,10 @@ def run(args) -> dict:
     longest = max(args.lengths + args.train_lengths + args.hf_lengths) + args.new_tokens + 1
     base = preset(args.preset, max_seq_len=longest, **({"n_layers": args.layers} if args.layers else {}))
     layouts = {"full": base, **{f"longgen {v}": longgen.convert(base, sparse=v) for v in args.variant}}
-    if args.profile:
+    if args.profile == "decode":
         return profile_decode(build(base, device=args.device, dtype=torch.bfloat16).eval(), args.lengths[0], args)
+    if args.profile == "prefill":
+        return profile_prefill(build(base, device=args.device, dtype=torch.bfloat16).eval(), layouts, args)
     if "masks" in args.parts:
         for length in args.lengths:
             for v in args.variant:

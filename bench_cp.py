@@ -12,7 +12,8 @@ Parts (rows run one after another, each with a fresh model and freshly compiled 
   layers all-gather either way, so the full layout is one row);
 - single: the same layouts on one GPU (rank 0; the others wait) at --single-lengths, for cp = N against one GPU;
 - dp: SmolLM2-135M's shapes (30 layers, LongGen --dp-layout) at --dp-length, on one GPU and then data parallel over
-  every rank (each its own sequences): tokens/s.
+  every rank (each its own sequences): tokens/s, from the mean step (the ranks' windows differ, so their steps do;
+  the one-GPU row trains on every rank's windows in turn), for each --dp-reshard.
 A step is train.py's: the loss of one packed window per data-parallel rank with document masking, backward, gradient
 clipping and the fused AdamW step, under FSDP2 (bf16 compute, fp32 master weights), activation checkpointing and
 compiled blocks (flex for the masks). Per row: step time (the slowest rank, median of the timed steps after the
@@ -101,7 +102,8 @@ def describe(doc_ids) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ one row
-def measure(model_cfg, length: int, mesh: DeviceMesh, cp_group, exchange: str, data: list, args) -> dict:
+def measure(model_cfg, length: int, mesh: DeviceMesh, cp_group, exchange: str, data: list, args,
+            reshard: bool = True) -> dict:
     """Train.py's step on the ranks of `mesh` (FSDP over them) with this rank's windows `data` (warm-up ones first):
     the timings, memory, exchange and profile of the row."""
     device, group = args.device, mesh.get_group()
@@ -109,7 +111,8 @@ def measure(model_cfg, length: int, mesh: DeviceMesh, cp_group, exchange: str, d
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    cfg = train.TrainConfig(dtype=args.dtype, compile=args.compile, seq_len=length)  # what shard_model reads
+    cfg = train.TrainConfig(dtype=args.dtype, compile=args.compile, seq_len=length,  # what shard_model reads
+                            reshard_after_forward=reshard)
     torch.manual_seed(0)
     model = build(model_cfg, device=device)
     n_params = sum(p.numel() for name, p in model.named_parameters() if name != "tok_embeddings.weight")
@@ -143,13 +146,16 @@ def measure(model_cfg, length: int, mesh: DeviceMesh, cp_group, exchange: str, d
         times.append(time.perf_counter() - t0)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     slowest = torch.tensor(times, dtype=torch.float64, device=_comm_device(group, device))
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0],
                         dtype=torch.float64, device=slowest.device)
     peaks = [torch.zeros_like(peak) for _ in range(dist.get_world_size(group))]
     dist.all_gather(peaks, peak, group=group)
+    per_rank = [torch.zeros_like(slowest) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(per_rank, slowest, group=group)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
     times = slowest.tolist()
-    row = dict(step_s=statistics.median(times[args.warmup:]), steps_s=times, compile_step_s=times[0],
+    row = dict(step_s=statistics.median(times[args.warmup:]), mean_step_s=statistics.mean(times[args.warmup:]),
+               steps_s=times, steps_s_per_rank=[t.tolist() for t in per_rank], compile_step_s=times[0],
                graphs_compiled_in_timed_steps=graphs, peak_gib=max(float(p) for p in peaks) / 2**30,
                peak_gib_per_rank=[float(p) / 2**30 for p in peaks],
                flops_per_step=mesh.size() // _size(cp_group) * train.step_flops(  # every window of the step
@@ -160,6 +166,9 @@ def measure(model_cfg, length: int, mesh: DeviceMesh, cp_group, exchange: str, d
             row["profile"] = profile_step(step, data[-1], device, group)
         except Exception as e:  # a profile that fails must not cost the measurements
             row["profile"] = dict(error=f"{type(e).__name__}: {e}")
+        profiles = [None] * dist.get_world_size(group)
+        dist.all_gather_object(profiles, row["profile"], group=group)
+        row["profile_per_rank"] = profiles
     del model, optimizer
     return row
 
@@ -245,6 +254,8 @@ def parse_args(argv=None):
     p.add_argument("--dp-preset", default="smollm2-135m", help="model shapes of the dp part (all its layers)")
     p.add_argument("--dp-length", default="32k", help="context length of the dp part")
     p.add_argument("--dp-layout", default="sink_window", help="the dp part's layout: full, sink_window, strided")
+    p.add_argument("--dp-reshard", default="true", help="the dp part's FSDP reshard_after_forward (train.py's): "
+                                                          "true, false, or true,false for rows of each")
     p.add_argument("--docs", default="corpus", help="corpus (the offline corpus's documents, packed), none (no "
                                                      "document masking), or a median document length in tokens")
     p.add_argument("--warmup", type=int, default=1, help="steps before the timed ones (the first compiles)")
@@ -271,6 +282,10 @@ def parse_args(argv=None):
     args.lengths = [parse_length(t) for t in args.lengths.split(",")]
     args.single_lengths = [parse_length(t) for t in args.single_lengths.split(",")]
     args.dp_length = parse_length(args.dp_length)
+    args.dp_reshard = args.dp_reshard.split(",")
+    if set(args.dp_reshard) - {"true", "false"}:
+        raise UserError("--dp-reshard takes true, false or true,false.")
+    args.dp_reshard = [r == "true" for r in args.dp_reshard]
     if args.docs not in ("corpus", "none") and not args.docs.isdigit():
         raise UserError(f"--docs takes corpus, none or a median document length in tokens, not {args.docs!r}.")
     if args.warmup < 1 or args.steps < 1:
@@ -321,14 +336,18 @@ def _run(args, rank, world, device) -> dict:
         dist.broadcast(late, 0)  # rank 0's clock decides for everyone
         return bool(late.item())
 
-    def row(part, model_cfg, length, layout, exchange, dp, cp_, group_mesh, cp_grp, data):
+    def row(part, model_cfg, length, layout, exchange, dp, cp_, group_mesh, cp_grp, data, reshard=True):
         head = dict(part=part, length=length, layout=layout, exchange=exchange, dp=dp, cp=cp_, **describe(data[0][1]))
+        if part == "dp":
+            head["reshard_after_forward"] = reshard
         if over_budget():
             return record(dict(head, skipped=f"past --budget-s {args.budget_s:g}"))
         alone = dp * cp_ == 1  # one GPU: rank 0 measures, the others wait for it
         if group_mesh is not None:
-            result = measure(model_cfg, length, group_mesh, cp_grp, exchange, data, args)
-            record(dict(head, tokens_per_s=dp * length / result["step_s"], **result))
+            result = measure(model_cfg, length, group_mesh, cp_grp, exchange, data, args, reshard)
+            # dp: from the mean step, since the ranks' windows (and so their steps) differ
+            step_s = result["mean_step_s"] if part == "dp" else result["step_s"]
+            record(dict(head, tokens_per_s=dp * length / step_s, **result))
         if alone:
             dist.barrier()
 
@@ -352,10 +371,13 @@ def _run(args, rank, world, device) -> dict:
     if "dp" in args.parts:
         dp_base = preset(args.dp_preset, max_seq_len=args.dp_length)
         cfg = dp_base if args.dp_layout == "full" else longgen.convert(dp_base, sparse=args.dp_layout)
-        row("dp", cfg, args.dp_length, args.dp_layout, None, 1, 1, solo, None,  # rank 0's windows of the next row
-            windows(args.dp_length, n, args.docs, cfg.vocab_size, 0, world))
-        row("dp", cfg, args.dp_length, args.dp_layout, None, world, 1, mesh, None,
-            windows(args.dp_length, n, args.docs, cfg.vocab_size, rank, world))
+        ranks = [windows(args.dp_length, n, args.docs, cfg.vocab_size, r, world) for r in range(world)]
+        # one GPU trains on every rank's windows in turn (the same data as the data-parallel row)
+        one_gpu = [w for i in range(n) for w in (ranks[r][i] for r in range(world))]
+        one_gpu = one_gpu[:args.warmup] + one_gpu[world * args.warmup:world * n]
+        for reshard in args.dp_reshard:
+            row("dp", cfg, args.dp_length, args.dp_layout, None, 1, 1, solo, None, one_gpu, reshard)
+            row("dp", cfg, args.dp_length, args.dp_layout, None, world, 1, mesh, None, ranks[rank], reshard)
     report["seconds"] = time.monotonic() - start
     if rank == 0 and args.json:
         _write(args.json, report)
@@ -384,14 +406,15 @@ def table(report: dict) -> str:
         return f"{ref['step_s'] / r['step_s']:.2f}x" if ref is not None and ref is not r else ""
 
     out = [f"{report['device']} x {report['gpus']}, torch {report['torch']}, {report['dtype']}, documents: "
-           f"{report['docs']}; cp and single: {report['preset']} width, {report['layers']} layers; median of "
+           f"{report['docs']}; cp and single: {report['preset']} width, {report['layers']} layers; median (dp: mean) of "
            f"{report['steps']} steps after {report['warmup']}",
            "\n| part | context | layout | exchange | dp x cp | docs | step s | tokens/s | vs full | vs all-gather | "
            "vs 1 GPU | peak GiB/GPU | sparse rows/layer | of all-gather | sparse GB/step | full GB/step |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         length = f"{r['length'] // 1024}K" if r["length"] % 1024 == 0 else str(r["length"])
-        head = (f"| {r['part']} | {length} | {r['layout']} | {r['exchange'] or ''} | "
+        part = r["part"] + (" (no reshard)" if r.get("reshard_after_forward") is False else "")
+        head = (f"| {part} | {length} | {r['layout']} | {r['exchange'] or ''} | "
                 f"{r['dp']} x {r['cp']} | {r['documents']} |")
         if "skipped" in r:
             out.append(f"{head} skipped: {r['skipped']} |||||||||")
@@ -400,7 +423,8 @@ def table(report: dict) -> str:
         gathered = find(part="cp", length=r["length"], layout=r["layout"], exchange="allgather") \
             if r["exchange"] == "pattern" else None
         one = None if r["dp"] * r["cp"] == 1 else \
-            find(part="dp" if r["part"] == "dp" else "single", length=r["length"], layout=r["layout"], dp=1, cp=1)
+            find(part="dp" if r["part"] == "dp" else "single", length=r["length"], layout=r["layout"], dp=1, cp=1,
+                 reshard_after_forward=r.get("reshard_after_forward"))
         scaling = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one else ""
         sparse = next((v for k, v in sorted(r["exchanged"].items()) if k != "full"), None)
         cells = ["", "", "", ""]
@@ -409,7 +433,8 @@ def table(report: dict) -> str:
                          f"{sparse['bytes_per_step'] / 1e9:.3f}"]
         if "full" in r["exchanged"]:
             cells[3] = f"{r['exchanged']['full']['bytes_per_step'] / 1e9:.3f}"
-        out.append(f"{head} {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {faster(full, r)} | "
+        step_s = r.get("mean_step_s", r["step_s"]) if r["part"] == "dp" else r["step_s"]
+        out.append(f"{head} {step_s:.3f} | {r['tokens_per_s']:,.0f} | {faster(full, r)} | "
                    f"{faster(gathered, r)} | {scaling} | {r['peak_gib']:.1f} | {' | '.join(cells)} |")
     return "\n".join(out)
 

@@ -107,6 +107,8 @@ class TrainConfig:
     # systems
     dtype: str = "bfloat16"  # compute dtype (FSDP2 mixed precision; master weights and reductions stay fp32)
     activation_checkpointing: bool = True
+    reshard_after_forward: bool = True  # FSDP2: free a block's gathered weights after its forward (false: keep them
+    #                                     for the backward: fewer all-gathers, more memory; small models)
     loss_chunk: int = 4096  # tokens whose logits exist at once in the loss (0: the whole sequence)
     float8: bool = False  # torchao float8 training of the blocks' linear layers (GPUs of compute capability 8.9+)
     cp_degree: int = 1  # context parallel: ranks that split each sequence between them (divides the world size)
@@ -254,9 +256,9 @@ def shard_model(model, cfg: TrainConfig, mesh):
         if cfg.dtype == "bfloat16" else MixedPrecisionPolicy()
     for i, block in enumerate(model.layers):
         block = wrap_block(block, cfg.activation_checkpointing, cfg.compile)
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
         model.layers[i] = block
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     return model
 
 

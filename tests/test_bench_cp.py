@@ -22,7 +22,7 @@ def bench(out, *args, nproc=2):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return bench(tmp_path_factory.mktemp("bench_cp") / "cp.json", "--lengths", "256", "--single-lengths", "256",
-                 "--dp-length", "128", "--docs", "60", "--steps", "1")
+                 "--dp-length", "128", "--docs", "60", "--steps", "1", "--dp-reshard", "true,false")
 
 
 def test_every_row_is_measured_and_written(run):
@@ -33,10 +33,17 @@ def test_every_row_is_measured_and_written(run):
         ("cp", "sink_window", "pattern", 1, 2), ("cp", "sink_window", "allgather", 1, 2),
         ("cp", "strided", "pattern", 1, 2), ("cp", "strided", "allgather", 1, 2),
         ("single", "full", None, 1, 1), ("single", "sink_window", None, 1, 1), ("single", "strided", None, 1, 1),
+        ("dp", "sink_window", None, 1, 1), ("dp", "sink_window", None, 2, 1),
         ("dp", "sink_window", None, 1, 1), ("dp", "sink_window", None, 2, 1)]
+    assert [r.get("reshard_after_forward") for r in report["rows"][-4:]] == [True, True, False, False]
     for r in report["rows"]:
-        assert len(r["steps_s"]) == 2 and r["step_s"] == r["steps_s"][1] > 0
-        assert r["tokens_per_s"] == pytest.approx(r["dp"] * r["length"] / r["step_s"])
+        one_gpu_dp = r["part"] == "dp" and r["dp"] == 1  # every rank's window in turn: two timed steps
+        assert len(r["steps_s"]) == (3 if one_gpu_dp else 2) and r["steps_s"][1] > 0
+        assert r["step_s"] == (r["steps_s"][1] + r["steps_s"][2]) / 2 if one_gpu_dp else r["steps_s"][1]
+        assert len(r["steps_s_per_rank"]) == r["dp"] * r["cp"]
+        assert r["steps_s"] == [max(ts) for ts in zip(*r["steps_s_per_rank"])]
+        step_s = r["mean_step_s"] if r["part"] == "dp" else r["step_s"]
+        assert r["tokens_per_s"] == pytest.approx(r["dp"] * r["length"] / step_s)
         assert r["flops_per_step"] > 0 and r["documents"] > 1  # 60-token documents cross the chunks of 64
         assert sorted(r["exchanged"]) == ([] if r["cp"] == 1 else sorted({"full", r["layout"]}))
         for kind, x in r["exchanged"].items():
@@ -64,7 +71,8 @@ def test_table_ratios_come_from_the_measurements(run):
             assert cells[9] == f"{gathered['step_s'] / r['step_s']:.2f}x"
         if r["dp"] * r["cp"] > 1:
             one = next(x for x in rows if x["part"] == ("dp" if r["part"] == "dp" else "single")
-                       and x["layout"] == r["layout"] and x["dp"] * x["cp"] == 1)
+                       and x["layout"] == r["layout"] and x["dp"] * x["cp"] == 1
+                       and x.get("reshard_after_forward") == r.get("reshard_after_forward"))
             assert cells[10] == f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x"
         if r["exchange"] == "pattern":
             sparse = r["exchanged"][r["layout"]]
@@ -95,6 +103,7 @@ def test_rows_past_the_budget_are_skipped_and_said(tmp_path):
                                            (["--exchange", "ring"], "--exchange takes"),
                                            (["--docs", "many"], "--docs takes"),
                                            (["--steps", "0"], "at least 1"),
+                                           (["--dp-reshard", "yes"], "--dp-reshard takes"),
                                            (["--lengths", "lots"], "Cannot read the length")])
 def test_bad_arguments_say_what_to_fix(argv, message):
     with pytest.raises(UserError, match=message):
