@@ -11,8 +11,9 @@ outside the pattern. Buffers are allocated once and padded to multiples of 128 s
 
 Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was | the chunk itself], then keeps what
 survives (the last token written to each slot); writing first would evict tokens the chunk's early queries still need.
-A first chunk within the pattern's reach (every causal pair allowed: 1K-2K prompts with sink + window) attends to
-itself alone with SDPA's causal kernel, as a full layer's first chunk does.
+Until a sparse layer's first eviction (sink + window: its first n_sink + window tokens, which sit at their own slots) a
+chunk is written in place and attends as a full layer's does; a first chunk within the pattern's reach (every causal
+pair allowed) takes SDPA's causal kernel, as a full layer's first chunk does.
 Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs. It runs
 SDPA with a dense (B, 1, 1, C) mask: one query row has no tiles worth skipping, and SDPA decoded faster than flex
 decoding (see BENCHMARKS.md); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
@@ -60,6 +61,11 @@ class KindCache:
         self.slot_pos = torch.full((batch, C), -1, device=device, dtype=torch.int32)  # (B, C) position in each slot
         self.mask_mod = pattern.mask_mod(device)
         self.slots = self.slot_of(torch.arange(max_len, device=device, dtype=torch.int32))  # (max_len,) by position
+        # positions 0 .. in_place - 1 are stored at their own slot: until then nothing is evicted and a prefill chunk
+        # is written in place, as a full layer's always is (sink + window: the first n_sink + window tokens)
+        positions = torch.arange(max_len, dtype=torch.int32)  # on the CPU: a "meta" cache (its size alone) has no data
+        moved = (self.slot_of(positions) != positions).nonzero()
+        self.in_place = int(moved[0, 0]) if len(moved) else max_len
 
     def slot_of(self, pos: Tensor) -> Tensor:
         """The slot each position is written to."""
@@ -163,9 +169,9 @@ class Cache:
         valid = positions[None, :] < self.lengths[:, None]  # (B, T): right padding is never stored
         masks = {}
         for kind, kc in self.kinds.items():
-            if kind == "full":  # nothing is evicted: write the chunk, then attend to everything up to it
+            if c0 + T <= kc.in_place:  # nothing evicted yet: write the chunk in place, attend to everything up to it
                 self._plans[kind] = None
-                masks[kind] = None if c0 == 0 else (
+                masks[kind] = None if c0 == 0 and T <= kc.pattern.reach() else (  # within the reach: causal, SDPA
                     block_mask(kc.pattern, T, c0 + T, batch=B, q_offset=c0, block_size=self.cfg.mask_block,
                                device=device) if use_flex else
                     dense_mask(kc.pattern, T, c0 + T, batch=B, q_offset=c0, device=device))
@@ -175,15 +181,8 @@ class Cache:
             owner = torch.full((B, C + 1), -1, device=device, dtype=torch.long).scatter_reduce_(
                 1, slot.long(), torch.arange(T, device=device).expand(B, T), "amax")[:, :C]  # (B, C) last writer
             self._plans[kind] = owner
-            # as a full layer's first chunk does (1K-2K prompts with sink + window)
-            masks[kind] = None if self._attends_alone(kc, c0, T) else self._chunk_mask(kc, c0, T, use_flex)
+            masks[kind] = self._chunk_mask(kc, c0, T, use_flex)
         return positions, masks
-
-    @staticmethod
-    def _attends_alone(kc: KindCache, c0: int, T: int) -> bool:
-        """Whether a sparse kind's chunk attends to its own T tokens alone, with SDPA's causal kernel: a first chunk
-        within the pattern's reach (masks.Pattern.reach: every causal pair of it is allowed)."""
-        return c0 == 0 and T <= kc.pattern.reach()
 
     def _chunk_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
         """Queries c0 .. c0 + T - 1 against [the cache's C slots | the chunk's T tokens]."""
@@ -234,12 +233,10 @@ class Cache:
         K, V = kc.k[self.index[layer]], kc.v[self.index[layer]]  # (B, G, C, E)
         plan = self._plans[kind]
         c0, c1 = self.filled, self.filled + k_BGTE.shape[2]
-        if plan is None:  # full
+        if plan is None:  # in place (full layers always; sparse ones before their first eviction)
             K[:, :, c0:c1], V[:, :, c0:c1] = k_BGTE, v_BGTE
             return K[:, :, :c1], V[:, :, :c1]
-        # a first chunk within the reach attends to itself alone; others to [the cache as it was | the chunk]
-        keys, values = (k_BGTE, v_BGTE) if self._attends_alone(kc, c0, k_BGTE.shape[2]) else (
-            torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2))
+        keys, values = torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2)  # [the cache as it was | chunk]
         owner = plan  # (B, C)
         take = owner.clamp(min=0)[:, None, :, None].expand(-1, K.shape[1], -1, K.shape[3])
         stored = (owner >= 0)[:, None, :, None]

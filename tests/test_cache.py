@@ -172,3 +172,28 @@ def test_first_chunk_takes_the_full_layers_kernel_where_the_pattern_is_causal(la
         assert torch.equal(tokens[0], reference.argmax(-1))
 
 
+
+
+@pytest.mark.parametrize("layout, in_place", [("sink_window", 4 + 24), ("strided", 2 * 8)])
+def test_chunks_before_the_first_eviction_are_written_in_place(layout, in_place):
+    """Until a sparse kind evicts (tiny: sink_window's first 4 + 24 positions, strided's ring of 2 blocks of 8 sit at
+    their own slots) its chunks are written in place as a full layer's are, with no eviction plan; the chunk that
+    crosses that line takes the plan. Logits and greedy tokens equal a full recompute."""
+    model = tiny(layout)
+    cache = Cache(model.cfg, 1, 200)
+    assert cache.kinds[layout].in_place == in_place
+    prompt = torch.randint(0, 512, (in_place + 5,), generator=torch.Generator().manual_seed(1)).tolist()
+    plans, real = [], cache.advance
+
+    def spy(T):
+        plans.append(cache._plans[layout] is None)
+        real(T)
+
+    cache.advance = spy
+    with torch.no_grad():
+        prefill(model, cache, [prompt], 4)
+    assert plans == [4 * (i + 1) <= in_place for i in range(len(plans))]
+    logits, tokens = cached_run(model, [prompt], 20, 4)
+    reference = recomputed(model, prompt, tokens[0])
+    torch.testing.assert_close(logits[0], reference, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens[0], reference.argmax(-1))
