@@ -9,8 +9,9 @@ compacted buffer is the pattern's own mask_mod at (query position, slot position
 and rows of different lengths are one mechanism, exact by construction. A ring slot left holding an old token is always
 outside the pattern. Buffers are allocated once and padded to multiples of 128 slots.
 
-Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was | the chunk itself], then keeps what
-survives (the last token written to each slot); writing first would evict tokens the chunk's early queries still need.
+Prefill goes in chunks. A sparse layer's chunk attends to [the cache as it was | the chunk itself] (a first chunk to
+itself alone, under the pattern's own mask), then keeps what survives (the last token written to each slot); writing
+first would evict tokens the chunk's early queries still need.
 Until a sparse layer's first eviction (sink + window: its first n_sink + window tokens, which sit at their own slots) a
 chunk is written in place and attends as a full layer's does; a first chunk within the pattern's reach (every causal
 pair allowed) takes SDPA's causal kernel, as a full layer's first chunk does.
@@ -181,7 +182,9 @@ class Cache:
             owner = torch.full((B, C + 1), -1, device=device, dtype=torch.long).scatter_reduce_(
                 1, slot.long(), torch.arange(T, device=device).expand(B, T), "amax")[:, :C]  # (B, C) last writer
             self._plans[kind] = owner
-            masks[kind] = self._chunk_mask(kc, c0, T, use_flex)
+            masks[kind] = self._chunk_mask(kc, c0, T, use_flex) if c0 else (  # an empty cache: the chunk alone
+                block_mask(kc.pattern, T, T, batch=B, block_size=self.cfg.mask_block, device=device) if use_flex else
+                dense_mask(kc.pattern, T, T, batch=B, device=device))
         return positions, masks
 
     def _chunk_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
@@ -236,7 +239,8 @@ class Cache:
         if plan is None:  # in place (full layers always; sparse ones before their first eviction)
             K[:, :, c0:c1], V[:, :, c0:c1] = k_BGTE, v_BGTE
             return K[:, :, :c1], V[:, :, :c1]
-        keys, values = torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2)  # [the cache as it was | chunk]
+        keys, values = (k_BGTE, v_BGTE) if c0 == 0 else (  # a first chunk attends to itself alone
+            torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2))  # later ones to [the cache as it was | chunk]
         owner = plan  # (B, C)
         take = owner.clamp(min=0)[:, None, :, None].expand(-1, K.shape[1], -1, K.shape[3])
         stored = (owner >= 0)[:, None, :, None]
