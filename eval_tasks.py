@@ -75,14 +75,15 @@ NIAH_KEYWORDS = ("sandwich", "dolores park")
 
 
 class Niah(Task):
-    """The essays, concatenated and repeated, cut in tokens; the needle goes in at `depth` of the haystack's tokens,
-    moved back to just after the previous "." token (at the very end for depth 1), as the original does. The prompt
-    is the completion-style one the package ships for Anthropic's legacy API."""
+    """The essays, concatenated from a paragraph drawn per sample and repeated, cut in tokens; the needle goes in at
+    `depth` of the haystack's tokens, moved back to just after the previous "." token (at the very end for depth 1),
+    as the original does. The prompt is the completion-style one the package ships for Anthropic's legacy API."""
     name, max_new_tokens, takes_depth = "niah", 64, True
     substitutions = [
         "keyword match (the fraction of 'sandwich', 'Dolores Park' found) instead of the GPT judge",
         "the haystack fills the length exactly (the original leaves a 200-token buffer and allows 300 answer tokens)",
-        "essays in file-name order (the original takes the order of glob)"]
+        "essays in file-name order (the original takes the order of glob), the haystack starting at a paragraph drawn "
+        "for each sample (the original has one haystack, so its samples at one depth would be one prompt)"]
 
     def generate(self, length, rng, tokenizer, depth):
         depth = rng.random() if depth is None else depth
@@ -90,6 +91,8 @@ class Niah(Task):
         budget = length - self.max_new_tokens - len(tokenizer.encode(empty))  # haystack + needle tokens
         needle, periods = tokenizer.encode_ordinary(NIAH_NEEDLE), set(tokenizer.encode_ordinary("."))
         essays = "".join(paul_graham_essays())
+        first = essays.find("\n\n", rng.randrange(len(essays))) + 2  # each sample from its own paragraph on
+        essays = essays[first:] + essays[:first] if first > 1 else essays
         while True:  # decoding and re-encoding can merge tokens at the joins: shrink until the prompt fits
             if budget <= len(needle):
                 raise UserError(self.too_short(length))

@@ -62,7 +62,9 @@ def test_niah_uses_the_wheels_prompt_needle_and_49_essays(tok):
                                "sentence in the context:")
         context = prompt.split("<context>\n", 1)[1].rsplit("\n</context>", 1)[0]
         before, after = context.split(needle)
-        assert "".join(D.paul_graham_essays()).startswith(before + after[:1000])
+        essays = "".join(D.paul_graham_essays())  # in file-name order, from the paragraph this sample drew
+        start = (essays * 2).find(before + after[:1000])
+        assert start >= 0 and (start == 0 or essays[start - 2:start] == "\n\n")
         if depth in (0, 1):
             assert (before if depth == 0 else after) == ""
             continue
@@ -296,6 +298,12 @@ def test_prompts_fit_the_length_and_come_close(tok, name):
         assert used == s.meta["prompt_tokens"] + s.max_new_tokens <= length
         if not name.startswith("babilong"):  # (BABILong leaves 300 tokens for the prompt around its text)
             assert length - used <= max(0.05 * length, 80)  # a uuid-to-uuid needle line is ~70 SmolLM2 tokens
+
+
+def test_niah_samples_at_one_depth_are_different_haystacks(tok):
+    """Ten samples at one depth are ten prompts (the original's one haystack made them one prompt ten times)."""
+    prompts = {sample("niah", tok, index=i, depth=0.5).prompt for i in range(4)}
+    assert len(prompts) == 4
 
 
 @pytest.mark.parametrize("name", list(E.registry()))
