@@ -45,15 +45,7 @@ class KindCache:
     def __init__(self, pattern: Pattern, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  device, dtype):
         self.pattern = pattern
-        p = pattern
-        if p.kind == "sink_window":
-            used = min(max_len, p.n_sink + p.window)
-        elif p.kind == "strided":
-            self.ring = p.local_blocks * p.block
-            used = self.ring + (-(-max_len // p.block) // p.stride) * p.block  # ring + the kept blocks below max_len
-        else:
-            used = max_len
-        self.capacity = C = round_up(used)
+        self.capacity = C = round_up(pattern.capacity(max_len))
         # One tensor per layer, not views of one stack: compiled, an in-place write into a view of a graph input is
         # not reinplaced, and every layer's one-token write copied the whole stack (see BENCHMARKS.md).
         shape = (batch, n_kv_heads, C, head_dim)  # (B, G, C, E)
@@ -70,14 +62,7 @@ class KindCache:
 
     def slot_of(self, pos: Tensor) -> Tensor:
         """The slot each position is written to."""
-        p = self.pattern
-        if p.kind == "sink_window":
-            return torch.where(pos < p.n_sink, pos, p.n_sink + (pos - p.n_sink) % p.window)
-        if p.kind == "strided":
-            kb, offset = pos // p.block, pos % p.block
-            kept = (kb + 1) % p.stride == 0
-            return torch.where(kept, self.ring + (kb // p.stride) * p.block, (kb % p.local_blocks) * p.block) + offset
-        return pos
+        return self.pattern.slot_of(pos)
 
     def allowed(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
         """Which cached positions the queries may read (any broadcastable shapes)."""

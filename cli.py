@@ -42,8 +42,14 @@ def names(module: str, attr: str) -> tuple[str, ...]:
 
 
 def sparse_kinds() -> tuple[str, ...]:
-    """longgen.SPARSE_KINDS without importing it: masks.KINDS but full."""
-    return tuple(k for k in names("masks", "KINDS") if k != "full")
+    """longgen.SPARSE_KINDS without importing it (and torch): the `kind` of every class masks.py registers, but
+    full."""
+    kinds = []
+    for node in ast.parse((HERE / "masks.py").read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "register" for d in node.decorator_list):
+            kinds += [item.value.value for item in node.body if isinstance(item, ast.AnnAssign)
+                      and getattr(item.target, "id", None) == "kind" and isinstance(item.value, ast.Constant)]
+    return tuple(k for k in kinds if k != "full")
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -183,13 +189,9 @@ def apply_layout(model, args) -> None:
             print(untrained_warning(before), file=sys.stderr)
 
 
-RELEVANT = {"sink_window": ("n_sink", "window"), "strided": ("block", "local_blocks", "stride")}
-
-
 def same_layout(a, b) -> bool:
     """Whether two configs give every layer the same attention (kind, and the settings its pattern reads)."""
-    return a.layer_kinds == b.layer_kinds and all(getattr(a, name) == getattr(b, name)
-                                    for kind in set(b.layer_kinds) for name in RELEVANT.get(kind, ()))
+    return a.layer_kinds == b.layer_kinds and all(a.pattern(kind) == b.pattern(kind) for kind in set(b.layer_kinds))
 
 
 def untrained_warning(before) -> str:

@@ -67,6 +67,10 @@ def _check(value, kind, key: str):
             return None
         kind = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is dict:  # a section of free keys (the one who takes it checks their names)
+        if not isinstance(value, dict):
+            raise UserError(f"Config key {key} must be a section of keys.")
+        return {k: _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             value = [value]

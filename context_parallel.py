@@ -96,23 +96,20 @@ def capacity(pattern: Pattern, positions_RT: Tensor, batch: int) -> Tensor:
     anywhere in each of the batch's rows; T for src = dst (a rank takes all its own rows).
 
     Remote keys of a run (chunk) of dst lie before its first position a, in the document that runs into it (start s).
-    They are the `reach` rows before a (window - 1, or local_blocks·block - 1: fixed positions, the same for every
-    row of the batch) and that document's own part: its n_sink sink rows, or its kept blocks, blocks of `block` rows
-    every stride·block = P. Of n consecutive positions at most (n // P)·block + min(n % P, block) are kept, whatever s.
+    They are the pattern's `lookback` rows before a (Pattern.lookback: window - 1, or local_blocks·block - 1; fixed
+    positions, the same for every row of the batch) and that document's own part (Pattern.far_rows: its n_sink sink
+    rows, or its kept blocks, at most (n // P)·block + min(n % P, block) of n consecutive positions with P =
+    stride·block, whatever s).
     """
     R, T = positions_RT.shape
     C = T // 2
     first = positions_RT.view(R, 2, C)[..., 0]  # (R, 2): first position of each chunk
     a = first[:, None, :, None]  # (R, 1, 2, 1): dst's runs
     c_lo, c_hi = first[None, :, None, :], first[None, :, None, :] + C - 1  # (1, R, 1, 2): src's chunks
-    reach = pattern.window - 1 if pattern.kind == "sink_window" else pattern.local_blocks * pattern.block - 1
+    reach = pattern.lookback()
     fixed = (torch.minimum(a - 1, c_hi) - torch.maximum(a - reach, c_lo) + 1).clamp(min=0)  # (R, R, 2, 2)
     before = (a - c_lo).clamp(0, C)  # rows of each chunk of src before each run of dst
-    if pattern.kind == "sink_window":
-        own = before.sum(-1).clamp(max=pattern.n_sink)  # (R, R, 2)
-    else:
-        P = pattern.stride * pattern.block
-        own = ((before // P) * pattern.block + (before % P).clamp(max=pattern.block)).sum(-1)
+    own = pattern.far_rows(before)  # (R, R, 2)
     cap = (fixed.sum(-1) + batch * own).sum(-1).clamp(max=T)  # (R, R)
     cap.diagonal().fill_(T)
     return cap
@@ -186,7 +183,7 @@ class CPAttention:
         self.group, cp, rank = group, dist.get_world_size(group), dist.get_rank(group)
         positions_RT = torch.stack([zigzag_positions(seq_len, cp, r, device) for r in range(cp)])
         T, k_real_K = positions_RT.shape[1], None
-        if pattern.kind == "full" or exchange == "allgather":
+        if pattern.lookback() is None or exchange == "allgather":  # a kind that sees every key before it
             self.send_rows = None  # all-gather: every rank receives every row
             self.recv_counts = [T] * cp
             keys_K = positions_RT.flatten()

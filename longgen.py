@@ -15,11 +15,18 @@ import torch
 import tokenizer
 import weights
 from errors import UserError
-from masks import KINDS
+from masks import PATTERNS, parameters
 from model import Config, Transformer, build
 
 PLACEMENTS = ("middle", "top", "bottom", "interleave", "calibrated")
-SPARSE_KINDS = tuple(k for k in KINDS if k != "full")
+
+
+def sparse_kinds() -> tuple[str, ...]:
+    """The registered attention kinds but full (masks.PATTERNS)."""
+    return tuple(k for k in PATTERNS if k != "full")
+
+
+SPARSE_KINDS = sparse_kinds()  # the built-in ones
 
 
 def longgen_layout(n_layers: int, full_fraction: float = 1 / 3, placement: str = "middle",
@@ -33,8 +40,8 @@ def longgen_layout(n_layers: int, full_fraction: float = 1 / 3, placement: str =
     """
     if placement not in PLACEMENTS:
         raise UserError(f"Unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}.")
-    if sparse not in SPARSE_KINDS:
-        raise UserError(f"Unknown sparse kind {sparse!r}; choose one of: {', '.join(SPARSE_KINDS)}.")
+    if sparse not in sparse_kinds():
+        raise UserError(f"Unknown sparse kind {sparse!r}; choose one of: {', '.join(sparse_kinds())}.")
     if placement == "calibrated" or full_layers:
         if placement != "calibrated":
             raise UserError(f"full_layers are given, but placement is {placement!r}; set placement to calibrated.")
@@ -63,10 +70,11 @@ def convert(model_or_config: Transformer | Config, *, sparse: str = "sink_window
             placement: str = "middle", full_layers: list[int] | None = None, rope_theta: float | None = None,
             max_seq_len: int | None = None, **pattern) -> Transformer | Config:
     """Turn a full-attention model (or its config) into the LongGen layout, optionally with a new RoPE base and context
-    length for length extension. `pattern` overrides n_sink, window, block, local_blocks, stride, mask_block.
+    length for length extension. `pattern` overrides the patterns' parameters (masks.parameters(): n_sink, window,
+    block, local_blocks, stride) and mask_block.
     placement="calibrated" keeps `full_layers` full (calibrate.py picks them). The weights are unchanged: the sparse
     layers learn to live with their pattern during training."""
-    allowed = {"n_sink", "window", "block", "local_blocks", "stride", "mask_block"}
+    allowed = {*parameters(), "mask_block"}
     if set(pattern) - allowed:
         raise UserError(f"Unknown pattern settings {sorted(set(pattern) - allowed)}; valid ones: {sorted(allowed)}.")
     return _with_config(model_or_config, lambda cfg: replace(

@@ -12,6 +12,11 @@ query positions [q_lo, q_hi] x key positions [k_lo, k_hi] it answers "is any pai
 allowed?" in closed form. `block_mask` uses those rules to build a BlockMask straight from the block grid, which at 128K
 tokens takes milliseconds, where `create_block_mask` evaluates all S x S pairs (seconds; BENCHMARKS.md).
 
+Each attention kind is one class (`Full`, `SinkWindow`, `Strided`, registered in PATTERNS by its kind name): its
+dataclass fields are the pattern's parameters, declared only there, and its methods give the mask_mod, the block rule,
+the pair count, the reach, and what the KV cache (capacity, slot_of) and context parallelism (lookback, far_rows)
+need. A new pattern is one more such class, decorated with @register (tests/test_new_pattern.py adds a toy one).
+
 Positions are logical token positions. Packed documents (`document`) and chunked prefill (`q_offset`) only change which
 positions the physical indices stand for.
 
@@ -20,8 +25,8 @@ Legend: B batch, Q query tokens, K key tokens, NQ / NK query / key blocks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -36,9 +41,6 @@ _INDEX = torch.int32
 
 def _param(value: int, device) -> Tensor:
     return torch.tensor(value, device=device, dtype=_INDEX)
-
-KINDS = ("full", "sink_window", "strided")
-
 
 # ------------------------------------------------------------------------------------------------ the patterns
 def causal() -> MaskMod:
@@ -161,56 +163,196 @@ def strided_blocks(q_lo, q_hi, k_lo, k_hi, block, local_blocks, stride):
     return any_, all_
 
 
-# ------------------------------------------------------------------------------------------------ one pattern
+# ------------------------------------------------------------------------------------------------ one class per pattern
+# One class per attention kind. Its dataclass fields are the pattern's parameters, declared here once: model.Config,
+# train.py's `pattern.*` keys and longgen.convert's keyword arguments all take them by these names (one flat namespace:
+# a name two patterns share must mean the same thing and have the same default). A field's metadata "min" is its
+# smallest valid value (default 1). Adding a pattern is one subclass, decorated with @register.
+PATTERNS: dict[str, type[Pattern]] = {}  # kind name -> its class, in the order registered
+
+
+def register(cls: type[Pattern]) -> type[Pattern]:
+    """Make a pattern class available under its `kind` (Config.layer_kinds, --sparse, YAML `sparse=`)."""
+    defaults = parameters()
+    for f in fields(cls):
+        if f.name in defaults and defaults[f.name] != f.default:
+            raise ValueError(f"{cls.__name__}.{f.name} defaults to {f.default}, but another pattern's {f.name} to "
+                             f"{defaults[f.name]}: a shared parameter name must have one meaning and one default.")
+    PATTERNS[cls.kind] = cls
+    return cls
+
+
+def parameters() -> dict[str, int]:
+    """Every registered pattern's parameters with their defaults, by name (the flat namespace)."""
+    return {f.name: f.default for cls in PATTERNS.values() for f in fields(cls)}
+
+
+def make_pattern(kind: str, **params) -> Pattern:
+    """The pattern `kind` with its parameters taken from `params` (other patterns' parameters are ignored, missing
+    ones take their defaults)."""
+    if kind not in PATTERNS:
+        raise ValueError(f"unknown attention kind {kind!r}; registered: {', '.join(PATTERNS)}")
+    cls = PATTERNS[kind]
+    return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
+
+
 @dataclass(frozen=True)
 class Pattern:
-    """An attention kind with its parameters, in tokens. `full` is causal attention."""
+    """An attention kind with its parameters, in tokens. A subclass states its mask (mask_mod), the closed-form block
+    rule that matches it (blocks), how many pairs it allows (keys_per_query), how far back it sees everything (reach),
+    and, for the KV cache and context parallelism, which positions it keeps (capacity, slot_of, lookback, far_rows)."""
 
-    kind: str = "full"
-    n_sink: int = 64
-    window: int = 2048
-    block: int = 64
-    local_blocks: int = 16
-    stride: int = 64
+    kind: ClassVar[str]
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, least = getattr(self, f.name), f.metadata.get("min", 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{f.name}={value!r} must be an integer of at least {least}")
 
     def mask_mod(self, device=None) -> MaskMod:
-        if self.kind == "sink_window":
-            return sink_window(self.n_sink, self.window, device)
-        if self.kind == "strided":
-            return strided(self.block, self.local_blocks, self.stride, device)
-        return causal()
+        """(b, h, q, k) -> whether query position q sees key position k (parameters captured as int32 tensors)."""
+        raise NotImplementedError
 
-    def reach(self) -> float:
-        """The longest sequence in which the pattern allows every causal pair (k <= q < n): up to there it is causal
-        attention, and a layer may take the full layers' kernel (SDPA flash) instead of flex.
-        full: no limit. sink_window: n <= n_sink + window, since the farthest pair whose key is not a sink, q = n - 1
-        and k = n_sink, needs n - 1 - n_sink < window. strided: n <= local_blocks * block, since the query block
-        local_blocks and the key block 0 are local_blocks apart and block 0 is kept only with stride == 1 (then every
-        block is kept: no limit)."""
-        if self.kind == "sink_window":
-            return self.n_sink + self.window
-        if self.kind == "strided" and self.stride > 1:
-            return self.local_blocks * self.block
-        return math.inf
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        """For inclusive position intervals (broadcastable int64 tensors): (some pair is allowed, every pair is)."""
+        raise NotImplementedError
+
+    def keys_per_query(self, q: Tensor) -> Tensor:
+        """(N,) int64 positions -> how many keys each query sees in a sequence that starts at 0."""
+        raise NotImplementedError
 
     def pairs(self, n: int) -> int:
         """How many (query, key) pairs the pattern allows in a sequence of n tokens (the attention work to count)."""
-        q = torch.arange(n, dtype=torch.int64)
-        if self.kind == "sink_window":
-            keys = torch.clamp(q + 1, max=self.window) + torch.clamp(q + 1 - self.window, min=0, max=self.n_sink)
-        elif self.kind == "strided":
-            first_local = torch.clamp(q // self.block - self.local_blocks + 1, min=0)  # earliest local block
-            keys = q - first_local * self.block + 1 + (first_local // self.stride) * self.block  # local + kept blocks
-        else:
-            keys = q + 1
-        return int(keys.sum())
+        return int(self.keys_per_query(torch.arange(n, dtype=torch.int64)).sum())
+
+    def reach(self) -> float:
+        """The longest sequence in which the pattern allows every causal pair (k <= q < n): up to there it is causal
+        attention, and a layer may take the full layers' kernel (SDPA flash) instead of flex."""
+        return math.inf
+
+    # the KV cache (cache.py): a static buffer of `capacity` slots, position p written to slot_of(p)
+    def capacity(self, max_len: int) -> int:
+        """Slots a sequence of up to max_len tokens needs: every position a later query can still see."""
+        return max_len
+
+    def slot_of(self, pos: Tensor) -> Tensor:
+        """The slot each position is written to (any int32 tensor of positions)."""
+        return pos
+
+    # context parallelism (context_parallel.py): what a run of queries needs from before its first position a
+    def lookback(self) -> int | None:
+        """How many positions before a a query of the run can see without the document's start mattering (the local
+        part); None: all of them (the kind all-gathers)."""
+        return None
+
+    def far_rows(self, before: Tensor) -> Tensor:
+        """(..., 2) rows of two chunks of the run's document before a (counted from the document's start, a chunk at a
+        time) -> (...,) the most of them that the pattern keeps beyond `lookback`, wherever the document starts."""
+        return before.sum(-1)
+
+
+@register
+@dataclass(frozen=True)
+class Full(Pattern):
+    """Full causal attention: query q sees key k iff k <= q."""
+
+    kind: ClassVar[str] = "full"
+
+    def mask_mod(self, device=None) -> MaskMod:
+        return causal()
 
     def blocks(self, q_lo, q_hi, k_lo, k_hi):
-        if self.kind == "sink_window":
-            return sink_window_blocks(q_lo, q_hi, k_lo, k_hi, self.n_sink, self.window)
-        if self.kind == "strided":
-            return strided_blocks(q_lo, q_hi, k_lo, k_hi, self.block, self.local_blocks, self.stride)
         return causal_blocks(q_lo, q_hi, k_lo, k_hi)
+
+    def keys_per_query(self, q):
+        return q + 1
+
+
+@register
+@dataclass(frozen=True)
+class SinkWindow(Pattern):
+    """Sink + window (sink_window): the first n_sink tokens and the last `window` (masks.sink_window)."""
+
+    kind: ClassVar[str] = "sink_window"
+    n_sink: int = field(default=64, metadata={"min": 0})  # first tokens always visible (one block)
+    window: int = 2048  # most recent tokens visible, the query included (32 blocks)
+
+    def mask_mod(self, device=None) -> MaskMod:
+        return sink_window(self.n_sink, self.window, device)
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        return sink_window_blocks(q_lo, q_hi, k_lo, k_hi, self.n_sink, self.window)
+
+    def keys_per_query(self, q):
+        return torch.clamp(q + 1, max=self.window) + torch.clamp(q + 1 - self.window, min=0, max=self.n_sink)
+
+    def reach(self) -> float:
+        # the farthest pair whose key is not a sink, q = n - 1 and k = n_sink, needs n - 1 - n_sink < window
+        return self.n_sink + self.window
+
+    def capacity(self, max_len: int) -> int:
+        return min(max_len, self.n_sink + self.window)
+
+    def slot_of(self, pos):
+        # sinks at their own slots, then a ring of `window` slots
+        return torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % self.window)
+
+    def lookback(self) -> int:
+        return self.window - 1
+
+    def far_rows(self, before):
+        return before.sum(-1).clamp(max=self.n_sink)  # the document's sinks
+
+
+@register
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """Strided blocks (strided): a few local blocks plus every `stride`-th block (masks.strided)."""
+
+    kind: ClassVar[str] = "strided"
+    block: int = 64  # block width, in tokens
+    local_blocks: int = 16  # own block + 15 before it (not in the paper; the local-stride kernel's default)
+    stride: int = 64  # every 64th block stays visible
+
+    def mask_mod(self, device=None) -> MaskMod:
+        return strided(self.block, self.local_blocks, self.stride, device)
+
+    def blocks(self, q_lo, q_hi, k_lo, k_hi):
+        return strided_blocks(q_lo, q_hi, k_lo, k_hi, self.block, self.local_blocks, self.stride)
+
+    def keys_per_query(self, q):
+        first_local = torch.clamp(q // self.block - self.local_blocks + 1, min=0)  # earliest local block
+        return q - first_local * self.block + 1 + (first_local // self.stride) * self.block  # local + kept blocks
+
+    def reach(self) -> float:
+        # the query block local_blocks and the key block 0 are local_blocks apart, and block 0 is kept only with
+        # stride == 1 (then every block is kept: no limit)
+        return self.local_blocks * self.block if self.stride > 1 else math.inf
+
+    def ring(self) -> int:
+        """Slots of the local blocks' ring, in front of the kept blocks."""
+        return self.local_blocks * self.block
+
+    def capacity(self, max_len: int) -> int:
+        return self.ring() + (-(-max_len // self.block) // self.stride) * self.block  # ring + kept blocks below max_len
+
+    def slot_of(self, pos):
+        kb, offset = pos // self.block, pos % self.block
+        kept = (kb + 1) % self.stride == 0
+        return torch.where(kept, self.ring() + (kb // self.stride) * self.block,
+                           (kb % self.local_blocks) * self.block) + offset
+
+    def lookback(self) -> int:
+        return self.local_blocks * self.block - 1
+
+    def far_rows(self, before):
+        # the document's kept blocks: of n consecutive positions at most (n // P)·block + min(n % P, block)
+        P = self.stride * self.block
+        return ((before // P) * self.block + (before % P).clamp(max=self.block)).sum(-1)
+
+
+KINDS = tuple(PATTERNS)  # the built-in kinds; PATTERNS also holds any registered later
 
 
 def dense_mask(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, q_offset: int = 0,
@@ -314,9 +456,9 @@ def render(path, seq_len: int = 128, patterns: dict[str, Pattern] | None = None)
 
     if patterns is None:  # the paper's shapes, scaled down 8x in blocks so the picture stays readable
         patterns = {
-            "full attention (middle layers)": Pattern("full"),
-            "sink + window": Pattern("sink_window", n_sink=8, window=32),
-            "strided blocks": Pattern("strided", block=8, local_blocks=2, stride=4),
+            "full attention (middle layers)": Full(),
+            "sink + window": SinkWindow(n_sink=8, window=32),
+            "strided blocks": Strided(block=8, local_blocks=2, stride=4),
         }
     fig, axes = plt.subplots(1, len(patterns), figsize=(4 * len(patterns), 4.3))
     for ax, (title, pattern) in zip(axes, patterns.items()):

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 from errors import UserError
-from masks import KINDS, Pattern, block_mask, dense_mask, document_starts
+from masks import PATTERNS, Pattern, block_mask, dense_mask, document_starts, make_pattern, parameters
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,11 @@ class Config:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
-    layer_kinds: tuple[str, ...] = ()  # each layer's attention kind (masks.KINDS); empty: every layer full
-    # LongGen's sparse patterns, in tokens (paper defaults; masks.py states each pattern exactly)
-    n_sink: int = 64  # sink_window: first tokens always visible (one block)
-    window: int = 2048  # sink_window: most recent tokens visible (32 blocks)
-    block: int = 64  # strided: block width
-    local_blocks: int = 16  # strided: own block + 15 before it (not in the paper; the local-stride kernel's default)
-    stride: int = 64  # strided: every 64th block stays visible
+    layer_kinds: tuple[str, ...] = ()  # each layer's attention kind (masks.PATTERNS); empty: every layer full
+    # The patterns' parameters by name, in tokens; masks.py declares each pattern's with its default (the paper's:
+    # sink_window n_sink=64, window=2048; strided block=64, local_blocks=16, stride=64). Unset ones take the default.
+    # Each may also be given and read as if it were a field: Config(window=4096), replace(cfg, window=...), cfg.window.
+    pattern_params: dict[str, int] = field(default_factory=dict)
     mask_block: int = 128  # FlexAttention BlockMask tile, in tokens (bench_masks.py: 128 beats 64; see BENCHMARKS.md)
     head_dim: int = field(init=False)
 
@@ -63,15 +61,24 @@ class Config:
         if not self.layer_kinds:
             set_("layer_kinds", ("full",) * self.n_layers)
         set_("layer_kinds", tuple(self.layer_kinds))
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "window",
-                     "block", "local_blocks", "stride", "mask_block"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "mask_block"):
             if getattr(self, name) <= 0:
                 raise UserError(f"Config value {name}={getattr(self, name)} must be a positive integer.")
         if self.mask_block % 128:
             raise UserError(f"mask_block={self.mask_block} must be a multiple of 128: FlexAttention's backward "
                             "kernel (torch 2.11-2.13) has no smaller tiles.")
-        if self.n_sink < 0:
-            raise UserError(f"Config value n_sink={self.n_sink} must be 0 or more.")
+        defaults = parameters()
+        if set(self.pattern_params) - set(defaults):
+            raise UserError(f"Unknown pattern parameters {sorted(set(self.pattern_params) - set(defaults))}; valid "
+                            f"ones: {', '.join(defaults)}.")
+        set_("pattern_params", {**defaults, **self.pattern_params})
+        for name, value in self.pattern_params.items():
+            set_(name, value)  # cfg.window
+        for kind in PATTERNS:  # every pattern's parameters are checked, used here or not
+            try:
+                self.pattern(kind)
+            except ValueError as e:
+                raise UserError(f"Config value {e}.") from None
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}.")
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
@@ -80,8 +87,9 @@ class Config:
                                               or self.rope_scaling.factor <= 0):
             raise UserError(f"rope_scaling must be of kind 'linear' or 'llama3' with factor > 0, "
                             f"not {self.rope_scaling}.")
-        if len(self.layer_kinds) != self.n_layers or not set(self.layer_kinds) <= set(KINDS):
-            raise UserError(f"layer_kinds must name one of {', '.join(KINDS)} for each of the {self.n_layers} layers.")
+        if len(self.layer_kinds) != self.n_layers or not set(self.layer_kinds) <= set(PATTERNS):
+            raise UserError(f"layer_kinds must name one of {', '.join(PATTERNS)} for each of the {self.n_layers} "
+                            "layers.")
         set_("head_dim", self.dim // self.n_heads)
 
     def weight_shapes(self) -> tuple:
@@ -90,7 +98,22 @@ class Config:
                 self.tie_embeddings)
 
     def pattern(self, kind: str) -> Pattern:
-        return Pattern(kind, self.n_sink, self.window, self.block, self.local_blocks, self.stride)
+        """The attention kind's pattern (masks.py), with this config's parameters."""
+        return make_pattern(kind, **self.pattern_params)
+
+
+_dataclass_init = Config.__init__
+
+
+def _config_init(self, pattern_params: dict | None = None, **kwargs):
+    """Config(window=4096, ...): a pattern parameter given by name goes into pattern_params (so does one that
+    dataclasses.replace passes on)."""
+    names = parameters()
+    given = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+    _dataclass_init(self, pattern_params={**(pattern_params or {}), **given}, **kwargs)
+
+
+Config.__init__ = _config_init
 
 
 PRESETS = {

@@ -35,6 +35,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import calibrate
 import checkpoint
 import longgen
+import masks
 import tokenizer
 import weights
 from config import load_config
@@ -44,25 +45,6 @@ from errors import UserError, run_cli
 from model import build, preset
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
-
-
-@dataclass
-class PatternConfig:
-    """The sparse layers' pattern. Unset keys keep model.Config's defaults: sink 64 + window 2,048; strided blocks of
-    64 tokens, 16 local blocks, every 64th block kept."""
-    n_sink: int | None = None
-    window: int | None = None
-    block: int | None = None
-    local_blocks: int | None = None
-    stride: int | None = None
-
-    def __post_init__(self):
-        given = self.overrides()
-        if any(v < (k != "n_sink") for k, v in given.items()):
-            raise UserError(f"Bad config: pattern values must be positive integers (n_sink may be 0), not {given}.")
-
-    def overrides(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -84,7 +66,10 @@ class TrainConfig:
     # the recipe
     baseline: str = "longgen"  # longgen: convert to the hybrid layout; full: extend with every layer full
     sparse: str = "sink_window"
-    pattern: PatternConfig = field(default_factory=PatternConfig)  # e.g. pattern.window=4096
+    # the sparse layers' pattern parameters, by the names masks.py declares (n_sink, window; block, local_blocks,
+    # stride): e.g. pattern.window=4096; unset ones keep the defaults (sink 64 + window 2,048; strided blocks of 64
+    # tokens, 16 local blocks, every 64th block kept)
+    pattern: dict[str, int] = field(default_factory=dict)
     full_fraction: float = 1 / 3
     placement: str = "middle"  # middle (the paper's), top, bottom, interleave, or calibrated (calibrate.py)
     full_layers: list[int] = field(default_factory=list)  # calibrated: the layers kept full; empty: calibrate first
@@ -125,6 +110,16 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self):
+        known = masks.parameters()
+        for key, value in self.pattern.items():
+            if key not in known:
+                raise UserError(f"Unknown config key pattern.{key}; valid keys are: {', '.join(known)}.")
+        for kind in masks.PATTERNS:
+            try:
+                masks.make_pattern(kind, **self.pattern)
+            except ValueError as e:
+                raise UserError(f"Bad config: pattern values must be positive integers (some may be 0): "
+                                f"pattern.{e}.") from None
         checks = [(self.baseline in ("longgen", "full"), "baseline must be longgen or full"),
                   (self.schedule in ("constant", "cosine"), "schedule must be constant or cosine"),
                   (self.dtype in ("bfloat16", "float32"), "dtype must be bfloat16 or float32"),
@@ -183,7 +178,7 @@ def model_config(cfg: TrainConfig, base, full_layers: list[int] | None = None):
     every layer full with baseline=full."""
     new = longgen.convert(base, sparse=cfg.sparse, full_fraction=cfg.full_fraction, placement=cfg.placement,
                           full_layers=full_layers or cfg.full_layers or None, rope_theta=cfg.rope_theta,
-                          max_seq_len=max(cfg.seq_len, base.max_seq_len), **cfg.pattern.overrides())
+                          max_seq_len=max(cfg.seq_len, base.max_seq_len), **cfg.pattern)
     return longgen.full_attention(new) if cfg.baseline == "full" else new
 
 
@@ -212,7 +207,7 @@ def calibrated_layers(cfg: TrainConfig, base, state_dict, tok, device, out_dir: 
                             "delete it or use another out_dir.")
         return cal.full_layers
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
-    full = replace(longgen.full_attention(base), **cfg.pattern.overrides())
+    full = replace(longgen.full_attention(base), **cfg.pattern)
     model = build(full, state_dict, device=device, dtype=dtype).eval()
     split = "eval" if cfg.data.eval_fraction > 0 else "train"
     docs = [d for ds in rank0_first(lambda: load_documents(cfg.data, tok, split)).values() for d in ds]

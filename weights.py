@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from errors import UserError, read_json
+from masks import parameters
 from model import Config, RopeScaling
 
 # ------------------------------------------------------------------------------------------------ the default model
@@ -320,7 +321,9 @@ def read_longgen(directory) -> tuple[Config, dict[str, torch.Tensor]]:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init}
+    """The config as longgen.json stores it: its fields, with the pattern parameters flat among them (window, ...)."""
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init and f.name != "pattern_params"}
+    d.update(cfg.pattern_params)
     d["layer_kinds"] = list(cfg.layer_kinds)
     d["rope_scaling"] = asdict(cfg.rope_scaling) if cfg.rope_scaling else None
     return d
@@ -328,7 +331,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     d = _renamed(d)
-    known = {f.name for f in fields(Config) if f.init}
+    known = {f.name for f in fields(Config) if f.init and f.name != "pattern_params"} | set(parameters())
     unknown = set(d) - known
     if unknown:
         raise UserError(f"Unknown config keys {sorted(unknown)}; valid keys are {sorted(known)}.")
@@ -414,7 +417,9 @@ def clean_leftovers(directory: Path) -> None:
 
 # Hugging Face out: a Llama directory transformers loads. Its Llama attends fully in every layer; the LongGen layout
 # and pattern settings go in config.json's "longgen" entry, which read_hf applies.
-LAYOUT_KEYS = ("layer_kinds", "n_sink", "window", "block", "local_blocks", "stride", "mask_block")
+def layout_keys() -> tuple[str, ...]:
+    """What the "longgen" entry records: each layer's kind, the mask tile and every pattern parameter (masks.py)."""
+    return ("layer_kinds", *parameters(), "mask_block")
 
 
 def export_hf(directory, cfg: Config, state_dict: dict[str, torch.Tensor], tokenizer=None) -> None:
@@ -454,7 +459,7 @@ def export_hf(directory, cfg: Config, state_dict: dict[str, torch.Tensor], token
               "mlp_bias": False, "dtype": str(dtype).removeprefix("torch."),
               "bos_token_id": getattr(tokenizer, "bos_id", None), "eos_token_id": getattr(tokenizer, "eos_id", None),
               "longgen": {"format": FORMAT_VERSION, **{k: v for k, v in config_to_dict(cfg).items()
-                                                       if k in LAYOUT_KEYS}}}
+                                                       if k in layout_keys()}}}
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -471,9 +476,9 @@ def export_hf(directory, cfg: Config, state_dict: dict[str, torch.Tensor], token
 def _with_layout(cfg: Config, layout: dict, source: Path) -> Config:
     """cfg with the layout and pattern settings export_hf recorded."""
     layout = _renamed(layout)
-    if layout.get("format") not in READ_FORMATS or set(layout) - {"format", *LAYOUT_KEYS}:
+    if layout.get("format") not in READ_FORMATS or set(layout) - {"format", *layout_keys()}:
         raise UserError(f"The \"longgen\" entry of {source} is not one this code wrote (format {FORMAT_VERSION}, "
-                        f"keys {', '.join(LAYOUT_KEYS)}); remove it to load the model with every layer full.")
+                        f"keys {', '.join(layout_keys())}); remove it to load the model with every layer full.")
     return replace(cfg, **{k: v for k, v in layout.items() if k != "format"})
 
 

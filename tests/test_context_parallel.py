@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import flex_attention
 import longgen
 from context_parallel import (CPAttention, capacity, cp_forward, cp_mean, cp_mask, exchange_report, needed_keys,
                               shard, unshard, zigzag_positions)
-from masks import Pattern
+from masks import make_pattern
 from model import build, preset
 
 S, BATCH = 128, 2  # 4 ranks: chunks of 16 tokens, so a 24-token window reaches into two other ranks' chunks
@@ -225,7 +225,8 @@ def test_flex_block_mask_equals_dense_mask(kind, keys):
     (contiguous tiles) without documents its tiles are exactly those of the dense mask. With padding keys (rows the
     pattern exchange sends to fill its capacity) no query sees them."""
     torch.manual_seed(0)
-    pattern, cp, S_long, tile = Pattern(kind, n_sink=4, window=300, block=32, local_blocks=8, stride=4), 4, 1024, 128
+    pattern = make_pattern(kind, n_sink=4, window=300, block=32, local_blocks=8, stride=4)
+    cp, S_long, tile = 4, 1024, 128
     q_pos = zigzag_positions(S_long, cp, 1)  # chunks 1 and 6 of 8, 256 queries
     docs, real = None, None
     if keys.startswith("documents"):  # 2 rows of documents that start inside tiles, on a tile boundary and in a gap

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from masks import KINDS, Pattern, block_mask, dense_mask, document_starts, render, shifted
+from masks import KINDS, Pattern, block_mask, dense_mask, document_starts, make_pattern, render, shifted
 
 
 def reference(pattern: Pattern, q: int, k: int) -> bool:
@@ -20,7 +20,7 @@ def reference(pattern: Pattern, q: int, k: int) -> bool:
     return True
 
 
-patterns = st.builds(Pattern, kind=st.sampled_from(KINDS), n_sink=st.integers(0, 40), window=st.integers(1, 90),
+patterns = st.builds(make_pattern, kind=st.sampled_from(KINDS), n_sink=st.integers(0, 40), window=st.integers(1, 90),
                      block=st.integers(1, 24), local_blocks=st.integers(1, 5), stride=st.integers(1, 6))
 block_sizes = st.sampled_from([16, 32, (16, 32), (32, 16)])
 
@@ -90,7 +90,7 @@ def test_document_block_masks_are_exact(pattern, data, bs):
 
 def test_documents_are_attended_alone():
     """A packed document sees the same pattern as it would alone, at its own positions."""
-    pattern = Pattern("strided", block=4, local_blocks=2, stride=3)
+    pattern = make_pattern("strided", block=4, local_blocks=2, stride=3)
     docs = torch.tensor([[0] * 37 + [1] * 50])
     packed = dense_mask(pattern, 87, 87, doc_ids=docs)[0, 0]
     assert torch.equal(packed[37:, 37:], dense_mask(pattern, 50, 50)[0, 0])
@@ -101,10 +101,10 @@ def test_documents_are_attended_alone():
 def test_128k_block_mask_is_built_at_block_level():
     """At 128K the S x S grid would be 16 G entries; the block rules give the paper's structure directly."""
     S, bs = 128 * 1024, 128
-    sw = block_mask(Pattern("sink_window", n_sink=64, window=2048), S, S, block_size=bs)
+    sw = block_mask(make_pattern("sink_window", n_sink=64, window=2048), S, S, block_size=bs)
     rows = slice(17, None)  # past the first window, each query tile keeps: sink tile + 15 full tiles + 2 partial edges
     assert (sw.kv_num_blocks[0, 0, rows] == 3).all() and (sw.full_kv_num_blocks[0, 0, rows] == 15).all()
-    st_ = block_mask(Pattern("strided", block=64, local_blocks=16, stride=64), S, S, block_size=bs)
+    st_ = block_mask(make_pattern("strided", block=64, local_blocks=16, stride=64), S, S, block_size=bs)
     kept = st_.kv_num_blocks + st_.full_kv_num_blocks  # tiles per query tile: 8-9 local + one per 32 tiles of past
     last = S // bs - 1
     assert kept[0, 0, last] == 9 + (last - 8) // 32  # tiles t < last - 8 with (t + 1) % 32 == 0
@@ -114,7 +114,7 @@ def test_128k_block_mask_is_built_at_block_level():
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 1000))
 def test_flex_eager_equals_dense_sdpa_with_gqa(kind, seed):
     torch.manual_seed(seed)
-    pattern = Pattern(kind, n_sink=4, window=40, block=8, local_blocks=2, stride=3)
+    pattern = make_pattern(kind, n_sink=4, window=40, block=8, local_blocks=2, stride=3)
     B, H, G, S, E = 2, 4, 2, 150, 16
     q, k, v = torch.randn(B, H, S, E), torch.randn(B, G, S, E), torch.randn(B, G, S, E)
     docs = torch.sort(torch.randint(0, 3, (B, S)), dim=-1).values
@@ -134,8 +134,8 @@ def test_flex_compiled_on_cpu_equals_dense_sdpa():
     B, H, G, S, E = 1, 4, 2, 256, 16
     q, k, v = torch.randn(B, H, S, E), torch.randn(B, G, S, E), torch.randn(B, G, S, E)
     for kind in KINDS:
-        for i, pattern in enumerate([Pattern(kind, n_sink=4, window=40, block=8, local_blocks=2, stride=3),
-                                     Pattern(kind, n_sink=9, window=70, block=16, local_blocks=3, stride=2)]):
+        for i, pattern in enumerate([make_pattern(kind, n_sink=4, window=40, block=8, local_blocks=2, stride=3),
+                                     make_pattern(kind, n_sink=9, window=70, block=16, local_blocks=3, stride=2)]):
             with torch._dynamo.config.patch(error_on_recompile=i > 0):  # new values must not recompile
                 out = compiled(q, k, v, block_mask=block_mask(pattern, S, S, block_size=32), enable_gqa=True)
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(pattern, S, S), enable_gqa=True)
