@@ -40,7 +40,7 @@ from config import parse_length
 from errors import UserError, run_cli
 from generate import compiled_decode, decode_one, prefill
 from masks import block_mask
-from model import RMSNorm, build, preset
+from model import RMSNorm, build, compile_settings, preset
 
 PARTS = ("inference", "products", "masks", "train", "hf")
 
@@ -388,6 +388,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
+    compile_settings()
     torch._dynamo.config.recompile_limit = 64  # one decode compile per (layout, length, batch), all measured
     torch.manual_seed(0)
     report = dict(device=torch.cuda.get_device_name() if args.device != "cpu" else "cpu", torch=torch.__version__,

@@ -157,17 +157,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# One compiled flex serves every mask: parameters are tensors, so new masks do not recompile, and a second sequence
-# length makes lengths dynamic. Each attention kind, key layout and grad mode is still a graph of its own: allow them,
-# and fail loudly past that instead of silently running flex unfused (which materialises the whole score matrix).
-# Made at import: torch.compile is lazy, and a wrapper first made while dynamo traces a caller would run eagerly.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-torch._dynamo.config.fail_on_recompile_limit_hit = True
+# One compiled flex serves every mask: parameters are tensors, so new masks do not recompile. Made at import, which
+# changes no setting (torch.compile is lazy), because a wrapper first made while dynamo traces a caller would run eagerly.
 _compiled_flex = torch.compile(flex_attention)
 
 
+def compile_settings() -> None:
+    """The compiler settings that compiled flex needs, set by the entry points (train.py, generate.py, eval.py, the
+    benchmarks) rather than on import. A second sequence length makes lengths dynamic, but each attention kind, key
+    layout and grad mode is still a graph of its own: allow 32 of them, and fail loudly past that instead of silently
+    running flex unfused (which materialises the whole score matrix)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def compiled_flex_attention(q, k, v, block_mask: BlockMask):
-    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix)."""
+    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix); see compile_settings()."""
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 

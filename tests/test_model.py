@@ -1,4 +1,8 @@
 """model.py against transformers' Llama, and the LongGen layouts against their own definitions."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import needs_cuda
@@ -195,3 +199,19 @@ def test_layout_matches_the_paper():
         "F" if k == "full" else "s" for k in inter).split("F")) <= 2
     with pytest.raises(UserError, match="placement"):
         longgen.longgen_layout(32, placement="sideways")
+
+
+def test_importing_the_model_changes_no_compiler_setting():
+    """Dynamo's settings are the entry points' to choose (model.compile_settings); importing the model, its kernels,
+    the cache or the generation code leaves them as torch has them."""
+    script = ("import torch._dynamo\n"
+              "before = torch._dynamo.config.get_config_copy()\n"
+              "import cache, generate, kernels, model\n"
+              "after = torch._dynamo.config.get_config_copy()\n"
+              "print(sorted(k for k in before if before[k] != after[k]))\n"
+              "model.compile_settings()\n"
+              "print(torch._dynamo.config.recompile_limit >= 32, torch._dynamo.config.fail_on_recompile_limit_hit)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "True True"]
