@@ -407,17 +407,21 @@ def run(args) -> dict:
     longest = max(args.lengths + args.train_lengths + args.hf_lengths) + args.new_tokens + 1
     base = preset(args.preset, max_seq_len=longest, **({"n_layers": args.layers} if args.layers else {}))
     layouts = {"full": base, **{f"longgen {v}": longgen.convert(base, sparse=v) for v in args.variant}}
+
+    def decoding_model():  # with the fused products, which --decode-kernels turns on or off (kernels.enabled)
+        return kernels.use_fused_decoding(build(base, device=args.device, dtype=torch.bfloat16).eval())
+
     if args.profile == "decode":
-        return profile_decode(build(base, device=args.device, dtype=torch.bfloat16).eval(), args.lengths[0], args)
+        return profile_decode(decoding_model(), args.lengths[0], args)
     if args.profile == "prefill":
-        return profile_prefill(build(base, device=args.device, dtype=torch.bfloat16).eval(), layouts, args)
+        return profile_prefill(decoding_model(), layouts, args)
     if "masks" in args.parts:
         for length in args.lengths:
             for v in args.variant:
                 record("masks", dict(variant=v, length=length, build_ms=mask_build_ms(layouts[f"longgen {v}"],
                                                                                       length, args.device)))
     if "inference" in args.parts:
-        model = build(base, device=args.device, dtype=torch.bfloat16).eval()
+        model = decoding_model()
         for length in args.lengths:
             for batch in args.batch:
                 for name, cfg in layouts.items():
