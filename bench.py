@@ -40,7 +40,7 @@ from config import parse_length
 from errors import UserError, run_cli
 from generate import compiled_decode, decode_one, prefill
 from masks import block_mask
-from model import RMSNorm, build, preset
+from model import RMSNorm, build, compile_settings, preset
 
 PARTS = ("inference", "products", "masks", "train", "hf")
 
@@ -388,6 +388,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
+    compile_settings()
     torch._dynamo.config.recompile_limit = 64  # one decode compile per (layout, length, batch), all measured
     torch.manual_seed(0)
     report = dict(device=torch.cuda.get_device_name() if args.device != "cpu" else "cpu", torch=torch.__version__,
@@ -406,17 +407,21 @@ def run(args) -> dict:
     longest = max(args.lengths + args.train_lengths + args.hf_lengths) + args.new_tokens + 1
     base = preset(args.preset, max_seq_len=longest, **({"n_layers": args.layers} if args.layers else {}))
     layouts = {"full": base, **{f"longgen {v}": longgen.convert(base, sparse=v) for v in args.variant}}
+
+    def decoding_model():  # with the fused products, which --decode-kernels turns on or off (kernels.enabled)
+        return kernels.use_fused_decoding(build(base, device=args.device, dtype=torch.bfloat16).eval())
+
     if args.profile == "decode":
-        return profile_decode(build(base, device=args.device, dtype=torch.bfloat16).eval(), args.lengths[0], args)
+        return profile_decode(decoding_model(), args.lengths[0], args)
     if args.profile == "prefill":
-        return profile_prefill(build(base, device=args.device, dtype=torch.bfloat16).eval(), layouts, args)
+        return profile_prefill(decoding_model(), layouts, args)
     if "masks" in args.parts:
         for length in args.lengths:
             for v in args.variant:
                 record("masks", dict(variant=v, length=length, build_ms=mask_build_ms(layouts[f"longgen {v}"],
                                                                                       length, args.device)))
     if "inference" in args.parts:
-        model = build(base, device=args.device, dtype=torch.bfloat16).eval()
+        model = decoding_model()
         for length in args.lengths:
             for batch in args.batch:
                 for name, cfg in layouts.items():

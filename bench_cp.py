@@ -54,7 +54,7 @@ from config import load_config, parse_length
 from context_parallel import exchange_report
 from data import PackedStream
 from errors import UserError, run_cli
-from model import build, preset
+from model import build, compile_settings, preset
 
 PARTS = ("cp", "single", "dp")
 LAYOUTS = ("full", "sink_window", "strided")
@@ -455,6 +455,7 @@ def main(argv=None) -> None:
     if args.table:
         print(table(merged(args.table)))
         return
+    compile_settings()
     report = run(args)
     if report:
         print("\n" + table(report), flush=True)

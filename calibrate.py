@@ -282,6 +282,9 @@ def main(argv=None) -> None:
 
     import longgen
     from data import DataConfig, load_documents
+    from model import compile_settings
+
+    compile_settings()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

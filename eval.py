@@ -100,8 +100,10 @@ if __name__ == "__main__":  # parsed before torch is imported: --help and a mist
 import torch  # noqa: E402
 
 import generate as gen  # noqa: E402
+import kernels  # noqa: E402
 import kv_policies  # noqa: E402
 from eval_tasks import Task, tasks_for  # noqa: E402
+from model import compile_settings  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -275,7 +277,9 @@ def main(argv=None) -> None:
     except OSError as e:
         raise UserError(f"Cannot create --out {args.out} ({e.strerror}); choose another directory.") from None
     t0, started = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
+    compile_settings()
     model, tok = cli.load_model(args)
+    kernels.use_fused_decoding(model)  # one sequence on a GPU (--batch 1): the fused Triton products
     if max(lengths) > model.cfg.max_seq_len:
         raise UserError(f"--lengths {max(lengths)} exceeds the model's context of {model.cfg.max_seq_len} tokens; "
                         f"give lengths up to {model.cfg.max_seq_len}.")

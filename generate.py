@@ -88,8 +88,9 @@ if __name__ == "__main__":  # parsed before torch is imported: --help and a mist
 
 import torch  # noqa: E402
 
+import kernels  # noqa: E402
 from cache import Cache  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import Transformer, compile_settings  # noqa: E402
 from tokenizer import StreamDecoder  # noqa: E402
 
 
@@ -244,7 +245,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
     text = read_prompt(args)
+    compile_settings()
     model, tok = cli.load_model(args)
+    kernels.use_fused_decoding(model)  # one sequence on a GPU: the fused Triton products
     sampling = {}
     if args.temperature > 0:
         generator = torch.Generator(args.device).manual_seed(args.seed or 0)

@@ -12,6 +12,9 @@ those steps cost launches and round trips through memory; here each folds into t
 The last one ends a decoding step's q/k/v product with RoPE and the cache write, which were small kernels of their own
 in every layer. It reads RoPE's cos and sin, and the slot, from tables by position that the cache makes once.
 
+model.py is plain PyTorch and does not know about any of this: `use_fused_decoding(model)` swaps in a forward written
+with these products (FusedBlock, FusedTransformer) for a model that decodes; generate.py, eval.py and bench.py call it.
+
 Where the Triton kernel cannot run (on a CPU, without Triton, for more than one row, for other dtypes, or for a module
 swapped in for nn.Linear) the modules run as themselves. `*_reference` is the same arithmetic on plain tensors, rounding
 included: the tests compare the kernel with it on a GPU.
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from errors import UserError
+from model import Block, Transformer, apply_rope, masked_attention, rms_norm
 
 try:
     import triton
@@ -44,12 +48,6 @@ NONE, RMSNORM, SWIGLU = 0, 1, 2  # the prologue applied to the input vector
 
 
 # ------------------------------------------------------------------------------------------------ references
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm as Llama computes it: the scale in fp32, rounded to x's dtype, then times the weight."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-
-
 def swiglu(gate_up: Tensor) -> Tensor:
     """silu(gate) * up, gate_up = [gate | up] along the last dimension."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -77,8 +75,6 @@ def norm_qkv_rope_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: 
                             k_cache: Tensor, v_cache: Tensor, slots: Tensor, n_heads: int) -> Tensor:
     """One token (1, 1, D) at position pos (1,): queries (1, H, 1, E) out; its keys and values written to the caches
     (1, G, C, E) at its slot. Tables by position: rope_table, cos and sin, (positions, E) each; slots (positions,)."""
-    from model import apply_rope  # model.py imports this module
-
     E, p = k_cache.shape[-1], pos[0]
     cos, sin = rope_table[0][p].float(), rope_table[1][p].float()  # (E,)
 
@@ -341,3 +337,58 @@ def linear(x: Tensor, layer: nn.Module, residual: Tensor | None = None) -> Tenso
     if not (_plain(layer) and fused_ok(x, layer.weight, residual)):
         return plus(layer(x), residual)
     return _gemv(x, layer.weight, x, x if residual is None else residual, 0.0, NONE, residual is not None)
+
+
+# ------------------------------------------------------------------------------------------------ the fused model
+class FusedBlock(Block):
+    """model.Block written with the products above: decoding one sequence on a GPU, each norm, activation and residual
+    add runs inside the product next to it, and RoPE and the cache write inside the q/k/v product. Every other call
+    (more than one token or sequence, a CPU, fp32) runs the same plain PyTorch operations as model.Block."""
+
+    def forward(self, x_BTD, rope, mask, cache=None):
+        attn, ffn = self.attention, self.feed_forward
+        h = linear(self.attention_heads(x_BTD, rope, mask, cache), attn.wo, residual=x_BTD)
+        gate_up = norm_linear(h, self.ffn_norm, ffn.w13)
+        return gated_linear(gate_up, ffn.w2, residual=h)
+
+    def attention_heads(self, x_BTD, rope, mask, cache):
+        """model.Attention's forward from the block's input, with attention_norm folded into the q/k/v product, up to
+        wo (which the caller folds the residual into): (B, T, H * E)."""
+        attn, norm = self.attention, self.attention_norm
+        B, T, _ = x_BTD.shape
+        H, G, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        buffers = cache.decode_buffers(attn.layer_id) if cache is not None and cache.decoding else None
+        if buffers is not None and rope_fusable(x_BTD, norm, attn.wqkv, cache.rope_table, buffers[0]):
+            k, v, slots = buffers  # decoding one sequence on a GPU: norm, product, RoPE, cache write in one kernel
+            q = norm_qkv_rope(x_BTD, norm, attn.wqkv, cache.rope_table, cache.pos, k, v, slots, H)
+        else:
+            q, k, v = norm_linear(x_BTD, norm, attn.wqkv).split([H * E, G * E, G * E], dim=-1)
+            q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
+            k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+            v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(attn.layer_id, k, v)  # (B, G, S, E)
+        y = masked_attention(q, k, v, mask)  # (B, H, T, E)
+        return y.transpose(1, 2).reshape(B, T, -1)
+
+
+class FusedTransformer(Transformer):
+    """model.Transformer whose last norm runs inside the output product (decoding one sequence on a GPU)."""
+
+    def logits(self, h_BTD: Tensor) -> Tensor:
+        return norm_linear(h_BTD, self.norm, self.output)
+
+
+def use_fused_decoding(model: Transformer) -> Transformer:
+    """Swap the fused products into a model, in place (returned for convenience): its class becomes FusedTransformer
+    and its blocks' FusedBlock. Weights, state_dict and results are unchanged; decoding one sequence on a GPU in bf16 or
+    fp16 runs the Triton kernels above, and every other call the plain modules, exactly as model.py does. generate.py,
+    eval.py and bench.py call it on the model they decode with; `enabled = False` turns the kernels off again. A
+    subclass of model.Transformer or model.Block (another forward of its own) is left as it is."""
+    if type(model) is Transformer:
+        model.__class__ = FusedTransformer
+    for layer in model.layers:
+        if type(layer) is Block:
+            layer.__class__ = FusedBlock
+    return model

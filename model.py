@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-import kernels
 from errors import UserError
 from masks import PATTERNS, Pattern, block_mask, dense_mask, document_starts, make_pattern, parameters
 
@@ -144,7 +143,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Llama computes it: the scale in fp32, rounded to x's dtype, then times the weight."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def rope_frequencies(cfg: Config, device=None) -> Tensor:
@@ -180,17 +185,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# One compiled flex serves every mask: parameters are tensors, so new masks do not recompile, and a second sequence
-# length makes lengths dynamic. Each attention kind, key layout and grad mode is still a graph of its own: allow them,
-# and fail loudly past that instead of silently running flex unfused (which materialises the whole score matrix).
-# Made at import: torch.compile is lazy, and a wrapper first made while dynamo traces a caller would run eagerly.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-torch._dynamo.config.fail_on_recompile_limit_hit = True
+# One compiled flex serves every mask: parameters are tensors, so new masks do not recompile. Made at import (which
+# changes no setting: torch.compile is lazy), since a wrapper first made while dynamo traces a caller runs eagerly.
 _compiled_flex = torch.compile(flex_attention)
 
 
+def compile_settings() -> None:
+    """The compiler settings that compiled flex needs, set by the entry points (train.py, generate.py, eval.py, the
+    benchmarks) rather than on import. A second sequence length makes lengths dynamic, but each attention kind, key
+    layout and grad mode is still a graph of its own: allow 32 of them, and fail loudly past that instead of silently
+    running flex unfused (which materialises the whole score matrix)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def compiled_flex_attention(q, k, v, block_mask: BlockMask):
-    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix)."""
+    """Compiled FlexAttention (uncompiled flex materialises the whole score matrix); see compile_settings()."""
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
@@ -216,24 +226,19 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x_BTD, norm, rope, mask, cache=None):
-        """RMSNorm (`norm`), the q/k/v product, RoPE and the attention: (B, T, H * E) out, for wo."""
+    def forward(self, x_BTD, rope, mask, cache=None):
+        """The q/k/v product, RoPE, the attention (writing and reading the cache, if any), and wo: (B, T, D)."""
         B, T, _ = x_BTD.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
-        buffers = cache.decode_buffers(self.layer_id) if cache is not None and cache.decoding else None
-        if buffers is not None and kernels.rope_fusable(x_BTD, norm, self.wqkv, cache.rope_table, buffers[0]):
-            k, v, slots = buffers  # decoding one sequence on a GPU: norm, product, RoPE, cache write in one kernel
-            q = kernels.norm_qkv_rope(x_BTD, norm, self.wqkv, cache.rope_table, cache.pos, k, v, slots, H)
-        else:
-            q, k, v = kernels.norm_linear(x_BTD, norm, self.wqkv).split([H * E, G * E, G * E], dim=-1)
-            q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
-            k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
-            v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
+        q, k, v = self.wqkv(x_BTD).split([H * E, G * E, G * E], dim=-1)
+        q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+        v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
         y = masked_attention(q, k, v, mask)  # (B, H, T, E)
-        return y.transpose(1, 2).reshape(B, T, -1)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * E))
 
 
 class FeedForward(nn.Module):
@@ -243,7 +248,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
 
     def forward(self, x):
-        return kernels.gated_linear(self.w13(x), self.w2)  # w2 @ (silu(gate) * up): SwiGLU
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -255,12 +261,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x_BTD, rope, mask, cache=None):
-        """h = x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)), written with kernels.py's products:
-        decoding one sequence on a GPU, each norm, activation and residual add runs inside the product next to it."""
-        attn, ffn = self.attention, self.feed_forward
-        h = kernels.linear(attn(x_BTD, self.attention_norm, rope, mask, cache), attn.wo, residual=x_BTD)
-        gate_up = kernels.norm_linear(h, self.ffn_norm, ffn.w13)
-        return kernels.gated_linear(gate_up, ffn.w2, residual=h)
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), rope, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -332,7 +334,11 @@ class Transformer(nn.Module):
             h = h[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, D)
         if targets is not None:
             return chunked_cross_entropy(self.norm(h), self.output, targets, loss_chunk)
-        return kernels.norm_linear(h, self.norm, self.output)  # (B, T, V)
+        return self.logits(h)  # (B, T, V)
+
+    def logits(self, h_BTD: Tensor) -> Tensor:
+        """The last norm and the output layer: (B, T, D) -> (B, T, V)."""
+        return self.output(self.norm(h_BTD))
 
 
 def chunked_cross_entropy(h_BTD: Tensor, output: nn.Module, targets_BT: Tensor, chunk: int) -> Tensor:

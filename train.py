@@ -42,7 +42,7 @@ from config import load_config
 from context_parallel import cp_forward, cp_mean, exchange_report, shard
 from data import DataConfig, PackedStream, load_documents
 from errors import UserError, run_cli
-from model import build, preset
+from model import build, compile_settings, preset
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
 
@@ -506,6 +506,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"baseline={args.baseline}"] if args.baseline else []) + \
         ([f"export_hf={args.export_hf}"] if args.export_hf else [])
+    compile_settings()
     train(load_config(TrainConfig, args.config, overrides), args.resume, args.export, args.resume_from_last_good)
 
 

@@ -7,7 +7,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import model  # noqa: E402
 import weights  # noqa: E402
+
+model.compile_settings()  # as the entry points do: the tests compile flex for many shapes
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,7 +8,6 @@ MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 # Entry points: run, never imported by library code (a benchmark may import another benchmark or the recipe).
 SCRIPTS = {"bench", "bench_cp", "bench_data", "bench_masks", "bench_tiles", "build_corpus", "eval", "plot_runs",
            "train"}
-ALLOWED_CIRCLES = {frozenset({"kernels", "model"})}  # model.py calls kernels.py's products; goes with model.py's split
 
 
 def _is_type_checking(node: ast.AST) -> bool:
@@ -70,7 +69,7 @@ def test_imports_skips_type_checking_and_sees_function_imports():
 
 
 def test_no_import_circles():
-    found = [c for c in circles(graph()) if frozenset(c) not in ALLOWED_CIRCLES]
+    found = circles(graph())
     assert not found, f"modules that import each other: {found}"
 
 

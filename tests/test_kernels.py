@@ -121,6 +121,31 @@ def test_the_references_run_where_the_kernel_cannot():
         assert torch.equal(kernels.norm_linear(x, *modules(w, norm)), kernels.norm_linear_reference(x, norm, 1e-5, w))
 
 
+def test_fused_decoding_is_installed_from_outside_and_changes_nothing_where_its_kernels_cannot_run():
+    """use_fused_decoding swaps the fused forward into a model.py model (same weights and state_dict keys); on a CPU,
+    where no Triton kernel runs, every result is bit for bit model.py's: logits, loss, gradients, cached decoding."""
+    torch.manual_seed(0)
+    plain = build(preset("tiny", layer_kinds=("sink_window", "strided", "full") * 2))
+    init_weights(plain, std=0.08)
+    fused = build(plain.cfg, plain.state_dict())
+    assert kernels.use_fused_decoding(fused) is fused and kernels.use_fused_decoding(fused) is fused  # idempotent
+    assert type(fused) is kernels.FusedTransformer and {type(b) for b in fused.layers} == {kernels.FusedBlock}
+    assert type(plain).__name__ == "Transformer" and list(fused.state_dict()) == list(plain.state_dict())
+    tokens = torch.randint(0, 512, (1, 60))
+    out = {}
+    for name, m in (("plain", plain), ("fused", fused)):
+        m.zero_grad()
+        m(tokens, targets=tokens).backward()
+        with torch.no_grad():
+            cache = Cache(m.cfg, 1, 80)
+            logits, steps = prefill(m, cache, [tokens[0].tolist()], 16), []
+            for _ in range(15):  # past the tiny window's ring wrap
+                steps.append(logits)
+                logits = m(logits.argmax(-1)[:, None], cache=cache)[:, 0]
+            out[name] = (m(tokens), torch.stack(steps), torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert all(torch.equal(a, b) for a, b in zip(out["plain"], out["fused"]))
+
+
 @needs_gpu_triton
 @pytest.mark.parametrize("attn", [(), ("sink_window", "strided", "full", "full", "strided", "sink_window")],
                          ids=["full", "mixed"])
@@ -133,26 +158,23 @@ def test_compiled_decoding_with_fused_products_matches_plain_products(attn):
     torch.manual_seed(0)
     model = build(preset("tiny", layer_kinds=attn))
     init_weights(model, std=0.08)
-    models = {"fp32": model.to("cuda").eval(), "fused": build(model.cfg).to("cuda", torch.bfloat16).eval()}
+    models = {"fp32": model.to("cuda").eval(), "plain": build(model.cfg).to("cuda", torch.bfloat16).eval()}
+    models["plain"].load_state_dict(model.state_dict())  # model.py as it is
+    models["fused"] = kernels.use_fused_decoding(build(model.cfg).to("cuda", torch.bfloat16).eval())
     models["fused"].load_state_dict(model.state_dict())
-    models["plain"] = models["fused"]
     prompt, tokens, runs = torch.randint(0, 512, (200,)).tolist(), None, {}
     for name in ("plain", "fused", "fp32"):  # plain first: its greedy tokens are everyone's inputs
-        kernels.enabled = name == "fused"
-        try:
-            m = models[name]
-            cache = Cache(m.cfg, 1, 260, "cuda", m.output.weight.dtype)
-            cache.mark_static()
-            decode, steps = compiled_decode("cuda"), []
-            with torch.inference_mode():
-                logits = prefill(m, cache, [prompt], 128)
-                for i in range(40):
-                    steps.append(logits.float().clone())
-                    logits = decode(m, cache, logits.argmax(-1) if tokens is None else tokens[i])
-            runs[name] = torch.stack(steps)
-            tokens = runs["plain"].argmax(-1)
-        finally:
-            kernels.enabled = True
+        m = models[name]
+        cache = Cache(m.cfg, 1, 260, "cuda", m.output.weight.dtype)
+        cache.mark_static()
+        decode, steps = compiled_decode("cuda"), []
+        with torch.inference_mode():
+            logits = prefill(m, cache, [prompt], 128)
+            for i in range(40):
+                steps.append(logits.float().clone())
+                logits = decode(m, cache, logits.argmax(-1) if tokens is None else tokens[i])
+        runs[name] = torch.stack(steps)
+        tokens = runs["plain"].argmax(-1)
     fused, plain, exact = runs["fused"], runs["plain"], runs["fp32"]
     assert (fused - exact).abs().mean() <= 1.5 * (plain - exact).abs().mean()
     assert_within_rounding("decoding logits", fused, plain)

@@ -1,4 +1,10 @@
 """model.py against transformers' Llama, and the LongGen layouts against their own definitions."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import needs_cuda
@@ -195,3 +201,56 @@ def test_layout_matches_the_paper():
         "F" if k == "full" else "s" for k in inter).split("F")) <= 2
     with pytest.raises(UserError, match="placement"):
         longgen.longgen_layout(32, placement="sideways")
+
+
+STANDALONE = """
+import os, sys
+sys.modules["kernels"] = None  # the fused decoding kernels: importing them now fails
+import torch
+from cache import Cache
+from model import build, preset
+
+torch.manual_seed(0)
+model = build(preset("tiny", layer_kinds=("sink_window", "strided", "full") * 2))
+tokens = torch.randint(0, 512, (1, 40))
+model(tokens, targets=tokens).backward()  # a training step's forward and backward
+with torch.no_grad():
+    logits = model(tokens)
+    cache = Cache(model.cfg, 1, 40)
+    cache.start_prefill(torch.tensor([39]))
+    model(tokens[:, :39], cache=cache)
+    cache.start_decoding()
+    step = model(tokens[:, 39:], cache=cache)  # a cached decoding step
+torch.testing.assert_close(step[0, -1], logits[0, -1], atol=1e-5, rtol=1e-5)
+ours = {name for name, m in sys.modules.items() if os.path.dirname(getattr(m, "__file__", None) or "/") == os.getcwd()}
+print(sorted(ours))
+"""
+
+
+def test_model_runs_with_torch_and_masks_alone(tmp_path):
+    """model.py copied out on its own, with masks.py (the attention patterns) and errors.py (UserError) and no other
+    file of the project, builds, trains and decodes through the cache (cache.py, copied too): the fused decoding
+    kernels are installed from outside (kernels.use_fused_decoding), never imported by the model."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("model.py", "masks.py", "errors.py", "cache.py"):
+        shutil.copy(root / name, tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", STANDALONE], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == "['cache', 'errors', 'masks', 'model']"
+
+
+def test_importing_the_model_changes_no_compiler_setting():
+    """Dynamo's settings are the entry points' to choose (model.compile_settings); importing the model, its kernels,
+    the cache or the generation code leaves them as torch has them."""
+    script = ("import torch._dynamo\n"
+              "before = torch._dynamo.config.get_config_copy()\n"
+              "import cache, generate, kernels, model\n"
+              "after = torch._dynamo.config.get_config_copy()\n"
+              "print(sorted(k for k in before if before[k] != after[k]))\n"
+              "model.compile_settings()\n"
+              "print(torch._dynamo.config.recompile_limit >= 32, torch._dynamo.config.fail_on_recompile_limit_hit)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "True True"]
