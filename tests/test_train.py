@@ -15,7 +15,7 @@ import longgen
 import train as train_py
 from config import load_config
 from conftest import ROOT
-from errors import UserError
+from errors import UserError, run_cli
 
 WORDS = "the long context of a story unfolds over many chapters and every chapter remembers the first one".split()
 
@@ -174,11 +174,25 @@ def test_pattern_keys_reach_the_converted_model():
     ("pattern.window=0", "pattern values must be positive integers"),
     ("pattern.windw=8", "Unknown config key pattern.windw"),
 ])
-def test_bad_config_is_one_sentence(override, message):
-    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", override], cwd=ROOT,
+def test_bad_config_is_one_sentence(override, message, capsys, monkeypatch):
+    """In this process, through errors.run_cli as `python train.py` runs main (the command line itself, status 2 and
+    no traceback: test_a_bad_config_on_the_command_line_is_one_sentence)."""
+    monkeypatch.chdir(ROOT)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # a plain run sets them: undone
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    with pytest.raises(SystemExit) as exited:  # anything but a UserError escapes run_cli and fails the test
+        run_cli(lambda: train_py.main(["--config", "configs/tiny.yaml", override]))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_bad_config_on_the_command_line_is_one_sentence():
+    """`python train.py` with a mistake found after the process group is up (cp_degree): one line, status 2."""
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "cp_degree=2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("error: ") and message in done.stderr
+    assert done.stderr.startswith("error: ") and "cp_degree=2 must divide the number of processes (1)" in done.stderr
 
 
 def test_existing_run_is_not_overwritten(tmp_path, corpus, uninterrupted):
