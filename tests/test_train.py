@@ -76,7 +76,7 @@ def test_two_processes_shard_the_model_and_learn(uninterrupted):
 
 def test_calibrated_placement_calibrates_at_step_0_and_keeps_the_layout(tmp_path, corpus):
     out = tmp_path / "cal"
-    records = train(out, corpus, "placement=calibrated", "calibration.samples=2", "steps=2", "save_every=0")
+    records = train(out, corpus, "placement=calibrated", "calibration.samples=2", "steps=1", "save_every=0")
     cal = json.loads((out / "calibration.json").read_text())
     assert (out / "calibration.png").is_file() and len(cal["full_layers"]) == 2  # as many as the middle third
     layout = tuple("full" if i in cal["full_layers"] else "sink_window" for i in range(6))
