@@ -89,15 +89,16 @@ def test_calibrated_placement_calibrates_at_step_0_and_keeps_the_layout(tmp_path
         "full", "sink_window", "sink_window", "sink_window", "sink_window", "full")
 
 
-def test_exported_model_generates(uninterrupted):
+def test_exported_model_generates(uninterrupted, capsys):
+    """generate.py's main on the exported model, in this process (tests/test_generate.py runs its command line)."""
+    import generate
+
     out, _ = uninterrupted
     model, tok = longgen.load(out / "final")
     assert model.cfg.layer_kinds.count("sink_window") == 4  # the checkpoint records its LongGen layout
-    done = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(out / "final"), "--prompt",
-                           "The long context", "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("The long context") and "4 sink_window" in done.stderr
+    generate.main(["--checkpoint", str(out / "final"), "--prompt", "The long context", "--max-new-tokens", "5"])
+    done = capsys.readouterr()
+    assert done.out.startswith("The long context") and "4 sink_window" in done.err
 
 
 def test_resume_continues_bit_for_bit(tmp_path, corpus, uninterrupted):
