@@ -15,7 +15,7 @@ import longgen
 import train as train_py
 from config import load_config
 from conftest import ROOT
-from errors import UserError
+from errors import UserError, run_cli
 
 WORDS = "the long context of a story unfolds over many chapters and every chapter remembers the first one".split()
 
@@ -76,7 +76,7 @@ def test_two_processes_shard_the_model_and_learn(uninterrupted):
 
 def test_calibrated_placement_calibrates_at_step_0_and_keeps_the_layout(tmp_path, corpus):
     out = tmp_path / "cal"
-    records = train(out, corpus, "placement=calibrated", "calibration.samples=2", "steps=2", "save_every=0")
+    records = train(out, corpus, "placement=calibrated", "calibration.samples=2", "steps=1", "save_every=0")
     cal = json.loads((out / "calibration.json").read_text())
     assert (out / "calibration.png").is_file() and len(cal["full_layers"]) == 2  # as many as the middle third
     layout = tuple("full" if i in cal["full_layers"] else "sink_window" for i in range(6))
@@ -89,28 +89,34 @@ def test_calibrated_placement_calibrates_at_step_0_and_keeps_the_layout(tmp_path
         "full", "sink_window", "sink_window", "sink_window", "sink_window", "full")
 
 
-def test_exported_model_generates(uninterrupted):
+def test_exported_model_generates(uninterrupted, capsys):
+    """generate.py's main on the exported model, in this process (tests/test_generate.py runs its command line)."""
+    import generate
+
     out, _ = uninterrupted
     model, tok = longgen.load(out / "final")
     assert model.cfg.layer_kinds.count("sink_window") == 4  # the checkpoint records its LongGen layout
-    done = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(out / "final"), "--prompt",
-                           "The long context", "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("The long context") and "4 sink_window" in done.stderr
+    generate.main(["--checkpoint", str(out / "final"), "--prompt", "The long context", "--max-new-tokens", "5"])
+    done = capsys.readouterr()
+    assert done.out.startswith("The long context") and "4 sink_window" in done.err
 
 
 def test_resume_continues_bit_for_bit(tmp_path, corpus, uninterrupted):
-    _, whole = uninterrupted
+    """The uninterrupted run's step-3 checkpoint (as a run stopped after step 3 leaves it) continues to step 6 with
+    that run's losses."""
+    whole_dir, whole = uninterrupted
     out = tmp_path / "halves"
-    first = train(out, corpus, "steps=3")
+    out.mkdir()
+    shutil.copytree(whole_dir / "step_3", out / "step_3")
     (out / "step_5.tmp").mkdir()  # a save that was cut off ...
     (out / "step_5.tmp" / "junk").write_text("half a checkpoint")
     (out / "step_4").mkdir()  # ... and a directory without its metadata: neither is a checkpoint
     second = train(out, corpus, "steps=6", "--resume")
     resumed = [r for r in second if r.get("event") == "setup"][-1]
     assert resumed["resumed_at"] == 3
-    assert {**losses(first), **losses(second)} == losses(whole)  # identical floats, not just close
+    curve = losses(second)
+    assert sorted(curve) == [4, 5, 6]
+    assert curve == {step: losses(whole)[step] for step in curve}  # identical floats, not just close
 
 
 def test_checkpoint_of_two_processes_resumes_on_one_and_back(tmp_path, corpus, uninterrupted):
@@ -135,15 +141,14 @@ def test_full_attention_baseline_in_one_process(tmp_path, corpus):
     assert set(records[0]["layout"]) == {"full"} and records[0]["world_size"] == 1
 
 
-@pytest.mark.parametrize("doc_masking", ["true", "false"])
-def test_context_parallel_run_equals_one_process(tmp_path, corpus, doc_masking):
+def test_context_parallel_run_equals_one_process(tmp_path, corpus, small):
     """Two ranks splitting every sequence (cp_degree=2) train exactly as one process does on the same data: the
-    sink_window layers exchange only their halo without documents, and all-gather with them."""
-    args = ["steps=3", f"doc_masking={doc_masking}"]
-    single = train(tmp_path / "single", corpus, *args, nproc=1)
-    split = train(tmp_path / "cp", corpus, *args, "cp_degree=2", nproc=2)
+    `small` run, whose config this one repeats but for cp_degree (documents masked, tiny's default); the sink_window
+    layers exchange only their halo. Without documents (doc_masking=false), context parallelism equals one process in
+    tests/test_context_parallel.py::test_cp_equals_one_process[cp2-longgen] (logits, loss and gradients)."""
+    split = train(tmp_path / "cp", corpus, "steps=2", "save_every=1", "cp_degree=2", nproc=2)
     assert split[0]["world_size"] == 2 and split[0]["local_params"] < 0.6 * split[0]["params"]
-    assert losses(split) == pytest.approx(losses(single), rel=1e-4)
+    assert sorted(losses(split)) == [1, 2] and losses(split) == pytest.approx(small[1], rel=1e-4)
     for record in split[1:]:  # what the two ranks exchanged: every row for full layers, fewer for sink + window
         full, sparse = record["exchange"]["full"], record["exchange"]["sink_window"]
         assert (full["layers"], sparse["layers"]) == (2, 4)
@@ -174,18 +179,38 @@ def test_pattern_keys_reach_the_converted_model():
     ("pattern.window=0", "pattern values must be positive integers"),
     ("pattern.windw=8", "Unknown config key pattern.windw"),
 ])
-def test_bad_config_is_one_sentence(override, message):
-    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", override], cwd=ROOT,
+def test_bad_config_is_one_sentence(override, message, capsys, monkeypatch):
+    """In this process, through errors.run_cli as `python train.py` runs main (the command line itself, status 2 and
+    no traceback: test_a_bad_config_on_the_command_line_is_one_sentence)."""
+    err = refused_in_process(["--config", "configs/tiny.yaml", override], capsys, monkeypatch)
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def refused_in_process(argv, capsys, monkeypatch) -> str:
+    """What `python train.py ARGV` prints when it exits with status 2, run here (run_cli + train.main, in ROOT)."""
+    monkeypatch.chdir(ROOT)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # a plain run sets them: undone
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    with pytest.raises(SystemExit) as exited:  # anything but a UserError escapes run_cli and fails the test
+        run_cli(lambda: train_py.main(argv))
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_bad_config_on_the_command_line_is_one_sentence():
+    """`python train.py` with a mistake found after the process group is up (cp_degree): one line, status 2."""
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "cp_degree=2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("error: ") and message in done.stderr
+    assert done.stderr.startswith("error: ") and "cp_degree=2 must divide the number of processes (1)" in done.stderr
 
 
-def test_existing_run_is_not_overwritten(tmp_path, corpus, uninterrupted):
+def test_existing_run_is_not_overwritten(tmp_path, corpus, uninterrupted, capsys, monkeypatch):
     out, _ = uninterrupted
-    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", f"out_dir={out}",
-                           f"data.paths=[{corpus / 'novels'}]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "--resume" in done.stderr
+    err = refused_in_process(["--config", "configs/tiny.yaml", f"out_dir={out}", f"data.paths=[{corpus / 'novels'}]"],
+                             capsys, monkeypatch)
+    assert "--resume" in err
 
 
 def test_float8_training_converts_the_blocks_and_learns(tmp_path, corpus, uninterrupted):
