@@ -182,14 +182,20 @@ def test_pattern_keys_reach_the_converted_model():
 def test_bad_config_is_one_sentence(override, message, capsys, monkeypatch):
     """In this process, through errors.run_cli as `python train.py` runs main (the command line itself, status 2 and
     no traceback: test_a_bad_config_on_the_command_line_is_one_sentence)."""
+    err = refused_in_process(["--config", "configs/tiny.yaml", override], capsys, monkeypatch)
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def refused_in_process(argv, capsys, monkeypatch) -> str:
+    """What `python train.py ARGV` prints when it exits with status 2, run here (run_cli + train.main, in ROOT)."""
     monkeypatch.chdir(ROOT)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # a plain run sets them: undone
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
     with pytest.raises(SystemExit) as exited:  # anything but a UserError escapes run_cli and fails the test
-        run_cli(lambda: train_py.main(["--config", "configs/tiny.yaml", override]))
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+        run_cli(lambda: train_py.main(argv))
+    assert exited.value.code == 2
+    return capsys.readouterr().err
 
 
 def test_a_bad_config_on_the_command_line_is_one_sentence():
@@ -200,11 +206,11 @@ def test_a_bad_config_on_the_command_line_is_one_sentence():
     assert done.stderr.startswith("error: ") and "cp_degree=2 must divide the number of processes (1)" in done.stderr
 
 
-def test_existing_run_is_not_overwritten(tmp_path, corpus, uninterrupted):
+def test_existing_run_is_not_overwritten(tmp_path, corpus, uninterrupted, capsys, monkeypatch):
     out, _ = uninterrupted
-    done = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", f"out_dir={out}",
-                           f"data.paths=[{corpus / 'novels'}]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "--resume" in done.stderr
+    err = refused_in_process(["--config", "configs/tiny.yaml", f"out_dir={out}", f"data.paths=[{corpus / 'novels'}]"],
+                             capsys, monkeypatch)
+    assert "--resume" in err
 
 
 def test_float8_training_converts_the_blocks_and_learns(tmp_path, corpus, uninterrupted):
