@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from masks import Pattern, block_mask
+from masks import block_mask, make_pattern
 
-PATTERNS = {"sink_window": Pattern("sink_window", n_sink=64, window=2048),
-            "strided": Pattern("strided", block=64, local_blocks=16, stride=64)}
+PATTERNS = {"sink_window": make_pattern("sink_window", n_sink=64, window=2048),
+            "strided": make_pattern("strided", block=64, local_blocks=16, stride=64)}
 
 
 def kernel_options(tile: tuple[int, int]) -> dict | None:

@@ -78,7 +78,8 @@ class Calibration:
 # ------------------------------------------------------------------------------------------------ the probe
 def reach(cfg, sparse: str) -> int:
     """Tokens a sparse layer of this kind is sure to see behind a query: sinks plus window, or the local blocks."""
-    return cfg.n_sink + cfg.window if sparse == "sink_window" else cfg.block * cfg.local_blocks
+    p = cfg.pattern_params
+    return p["n_sink"] + p["window"] if sparse == "sink_window" else p["block"] * p["local_blocks"]
 
 
 def probe_windows(docs: list[np.ndarray], probe: Probe, length: int, reach_tokens: int,
@@ -154,7 +155,7 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
         raise UserError(f"n_full={n_full} must be a whole number of layers from 1 to {L}.")
     if probe.samples < 1 or probe.batch_size < 1:
         raise UserError("The probe needs at least one sample and a batch size of at least 1.")
-    back, n_sink = reach(cfg, sparse), cfg.n_sink if sparse == "sink_window" else 0
+    back, n_sink = reach(cfg, sparse), cfg.pattern_params["n_sink"] if sparse == "sink_window" else 0
     tiles = -(-(3 * back + 2 * probe.span - 1) // 128)  # the inputs (length - 1 tokens) in whole 128-token tiles
     length = probe.length or min(128 * tiles + 1, cfg.max_seq_len)
     if length > cfg.max_seq_len:
@@ -196,8 +197,7 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
         measure = lambda lay: probe_nll(model, held, at, probe.cue, lay, probe.batch_size)  # noqa: E731
         validation = {"seed": validation_seed, "nll_full": measure(full), "nll_layout": measure(layout),
                       "nll_middle": measure(middle)}
-    pattern = {k: getattr(cfg, k) for k in ("n_sink", "window")} if sparse == "sink_window" else \
-        {k: getattr(cfg, k) for k in ("block", "local_blocks", "stride")}
+    pattern = asdict(cfg.pattern(sparse))  # the sparse kind's own parameters
     return Calibration(layout=layout, rule=rule, sparse=sparse, n_full=n_full, full_layers=keep, nll_full=base,
                        nll_layout=path[-1] if path else nll(layout), single=single, greedy_order=order,
                        greedy_nll=path, probe={**asdict(probe), "length": length, "depth": list(probe.depth)},

@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     if max(lengths) > model.cfg.max_seq_len:
         raise UserError(f"--lengths {max(lengths)} exceeds the model's context of {model.cfg.max_seq_len} tokens; "
                         f"give lengths up to {model.cfg.max_seq_len}.")
-    args.kv_budget = args.kv_budget or model.cfg.n_sink + model.cfg.window
+    args.kv_budget = args.kv_budget or model.cfg.pattern_params["n_sink"] + model.cfg.pattern_params["window"]
     args.batch = 1 if args.kv_policy in ("h2o", "snapkv") else (args.batch or 4)
     if args.kv_policy != "none":
         if set(model.cfg.layer_kinds) != {"full"}:

@@ -31,7 +31,7 @@ N_SINK = 4  # StreamingLLM's attention sinks
 
 def streaming_config(cfg: Config, budget: int) -> Config:
     """StreamingLLM at this budget: every layer sink + window."""
-    return replace(cfg, layer_kinds=("sink_window",) * cfg.n_layers, n_sink=N_SINK, window=budget - N_SINK)
+    return replace(cfg.with_pattern(n_sink=N_SINK, window=budget - N_SINK), layer_kinds=("sink_window",) * cfg.n_layers)
 
 
 class ScoredCache:

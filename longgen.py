@@ -77,9 +77,12 @@ def convert(model_or_config: Transformer | Config, *, sparse: str = "sink_window
     allowed = {*parameters(), "mask_block"}
     if set(pattern) - allowed:
         raise UserError(f"Unknown pattern settings {sorted(set(pattern) - allowed)}; valid ones: {sorted(allowed)}.")
+    mask_block = pattern.pop("mask_block", None)
     return _with_config(model_or_config, lambda cfg: replace(
-        cfg, layer_kinds=longgen_layout(cfg.n_layers, full_fraction, placement, sparse, full_layers), **pattern,
-        rope_theta=rope_theta or cfg.rope_theta, max_seq_len=max_seq_len or cfg.max_seq_len))
+        cfg.with_pattern(**pattern), layer_kinds=longgen_layout(cfg.n_layers, full_fraction, placement, sparse,
+                                                                full_layers),
+        rope_theta=rope_theta or cfg.rope_theta, max_seq_len=max_seq_len or cfg.max_seq_len,
+        mask_block=mask_block or cfg.mask_block))
 
 
 def n_full_layers(n_layers: int, full_fraction: float = 1 / 3) -> int:

@@ -8,7 +8,7 @@ heads, G key/value heads, E head width, F feed-forward width, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class Config:
     layer_kinds: tuple[str, ...] = ()  # each layer's attention kind (masks.PATTERNS); empty: every layer full
     # The patterns' parameters by name, in tokens; masks.py declares each pattern's with its default (the paper's:
     # sink_window n_sink=64, window=2048; strided block=64, local_blocks=16, stride=64). Unset ones take the default.
-    # Each may also be given and read as if it were a field: Config(window=4096), replace(cfg, window=...), cfg.window.
+    # Read one as cfg.pattern_params["window"]; change some with cfg.with_pattern(window=4096).
     pattern_params: dict[str, int] = field(default_factory=dict)
     mask_block: int = 128  # FlexAttention BlockMask tile, in tokens (bench_masks.py: 128 beats 64; see BENCHMARKS.md)
     head_dim: int = field(init=False)
@@ -71,8 +71,6 @@ class Config:
             raise UserError(f"Unknown pattern parameters {sorted(set(self.pattern_params) - set(defaults))}; valid "
                             f"ones: {', '.join(defaults)}.")
         set_("pattern_params", {**defaults, **self.pattern_params})
-        for name, value in self.pattern_params.items():
-            set_(name, value)  # cfg.window
         for kind in PATTERNS:  # every pattern's parameters are checked, used here or not
             try:
                 self.pattern(kind)
@@ -100,19 +98,9 @@ class Config:
         """The attention kind's pattern (masks.py), with this config's parameters."""
         return make_pattern(kind, **self.pattern_params)
 
-
-_dataclass_init = Config.__init__
-
-
-def _config_init(self, pattern_params: dict | None = None, **kwargs):
-    """Config(window=4096, ...): a pattern parameter given by name goes into pattern_params (so does one that
-    dataclasses.replace passes on)."""
-    names = parameters()
-    given = {name: kwargs.pop(name) for name in list(kwargs) if name in names}
-    _dataclass_init(self, pattern_params={**(pattern_params or {}), **given}, **kwargs)
-
-
-Config.__init__ = _config_init
+    def with_pattern(self, **params) -> Config:
+        """The same config with these pattern parameters changed (e.g. window=4096)."""
+        return replace(self, pattern_params={**self.pattern_params, **params})
 
 
 PRESETS = {
@@ -125,14 +113,15 @@ PRESETS = {
                        rope_theta=500000.0, max_seq_len=8192),
     # For tests: small enough for CPU, patterns short enough that a few hundred tokens cross every boundary.
     "tiny": dict(vocab_size=512, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=1024,
-                 n_sink=4, window=24, block=8, local_blocks=2, stride=4),
+                 pattern_params=dict(n_sink=4, window=24, block=8, local_blocks=2, stride=4)),
 }
 
 
 def preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
         raise UserError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return Config(**{**PRESETS[name], **overrides})
+    params = {**PRESETS[name].get("pattern_params", {}), **overrides.pop("pattern_params", {})}
+    return Config(**{**PRESETS[name], **overrides, "pattern_params": params})
 
 
 # ------------------------------------------------------------------------------------------------ building blocks

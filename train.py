@@ -22,7 +22,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -207,7 +207,7 @@ def calibrated_layers(cfg: TrainConfig, base, state_dict, tok, device, out_dir: 
                             "delete it or use another out_dir.")
         return cal.full_layers
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
-    full = replace(longgen.full_attention(base), **cfg.pattern)
+    full = longgen.full_attention(base).with_pattern(**cfg.pattern)
     model = build(full, state_dict, device=device, dtype=dtype).eval()
     split = "eval" if cfg.data.eval_fraction > 0 else "train"
     docs = [d for ds in rank0_first(lambda: load_documents(cfg.data, tok, split)).values() for d in ds]

@@ -339,7 +339,8 @@ def config_from_dict(d: dict) -> Config:
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     if "layer_kinds" in d:
         d["layer_kinds"] = tuple(d["layer_kinds"])
-    return Config(**d)
+    pattern_params = {name: d.pop(name) for name in parameters() if name in d}  # stored flat
+    return Config(**d, pattern_params=pattern_params)
 
 
 def _renamed(d: dict) -> dict:
@@ -479,7 +480,8 @@ def _with_layout(cfg: Config, layout: dict, source: Path) -> Config:
     if layout.get("format") not in READ_FORMATS or set(layout) - {"format", *layout_keys()}:
         raise UserError(f"The \"longgen\" entry of {source} is not one this code wrote (format {FORMAT_VERSION}, "
                         f"keys {', '.join(layout_keys())}); remove it to load the model with every layer full.")
-    return replace(cfg, **{k: v for k, v in layout.items() if k != "format"})
+    params = {k: v for k, v in layout.items() if k in parameters()}  # the pattern parameters, stored flat
+    return replace(cfg.with_pattern(**params), **{k: v for k, v in layout.items() if k != "format" and k not in params})
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

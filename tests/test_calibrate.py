@@ -26,7 +26,8 @@ def copying_model(planted: int = PLANTED):
     model = build(cfg)
     H, G, E, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
     kappa = math.sqrt(D / 2)  # RMSNorm of e0 + e_(1+v): every channel scaled by this
-    offset = 2 * (cfg.n_sink + cfg.window) + 2 * SPAN + 1 - SPAN - (cfg.n_sink + cfg.window) - 1  # gap - 1 = 36
+    reach = cfg.pattern_params["n_sink"] + cfg.pattern_params["window"]
+    offset = 2 * reach + 2 * SPAN + 1 - SPAN - reach - 1  # gap - 1 = 36
     with torch.no_grad():
         emb = torch.zeros(cfg.vocab_size, D)
         emb[:, 0] = 1.0  # a constant channel: the positional head's queries and keys come from it
@@ -59,7 +60,7 @@ def docs(n: int = 4, length: int = 400, seed: int = 0) -> list[np.ndarray]:
 
 def probe(**kw) -> calibrate.Probe:
     cfg = preset("tiny")
-    reach = cfg.n_sink + cfg.window
+    reach = cfg.pattern_params["n_sink"] + cfg.pattern_params["window"]
     return calibrate.Probe(**{**dict(samples=6, length=2 * reach + 2 * SPAN + 1, span=SPAN, cue=CUE,
                                      depth=(0.0, 0.0), batch_size=3), **kw})
 

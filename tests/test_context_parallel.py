@@ -37,7 +37,7 @@ def cases() -> dict:
         **{f"longgen_{sparse}_documents_{exchange}": (longgen.convert(short, sparse=sparse), DOCS, exchange)
            for sparse in ("sink_window", "strided") for exchange in ("pattern", "allgather")},
         # no sink: some pairs of ranks exchange no row at all
-        "window_only_documents": (replace(tiny, n_layers=2, n_sink=0, layer_kinds=("sink_window",) * 2), DOCS, "pattern"),
+        "window_only_documents": (replace(tiny.with_pattern(n_sink=0), n_layers=2, layer_kinds=("sink_window",) * 2), DOCS, "pattern"),
     }
 
 

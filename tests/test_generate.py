@@ -187,10 +187,10 @@ def test_layout_options_reach_the_model():
     cli.apply_layout(model, layout_args("--layout", "longgen", "--sparse", "strided", "--stride", "8",
                                         "--local-blocks", "3", "--placement", "top", "--full-fraction", "0.5"))
     assert model.cfg.layer_kinds == ("strided",) * 2 + ("full",) * 4  # 1 sparse layer per side of the half, all at the bottom
-    assert (model.cfg.stride, model.cfg.local_blocks) == (8, 3)
+    assert (model.cfg.pattern_params["stride"], model.cfg.pattern_params["local_blocks"]) == (8, 3)
     cli.apply_layout(model, layout_args("--layout", "longgen", "--window", "32", "--sinks", "0"))
     assert model.cfg.layer_kinds == ("sink_window",) * 2 + ("full",) * 2 + ("sink_window",) * 2
-    assert (model.cfg.window, model.cfg.n_sink) == (32, 0)
+    assert (model.cfg.pattern_params["window"], model.cfg.pattern_params["n_sink"]) == (32, 0)
 
 
 def test_calibrated_layers_from_the_command_line():

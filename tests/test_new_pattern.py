@@ -82,8 +82,8 @@ def tiny(**overrides):
 
 @pytest.mark.parametrize("length, chunk", [(5, 4096), (40, 7), (100, 16)])
 def test_cache_equals_full_recompute(registered, length, chunk):
-    model = tiny(layer_kinds=("last_tokens", "full", "last_tokens") * 2, last=12)
-    assert model.cfg.last == 12 and model.cfg.pattern("last_tokens") == LastTokens(12)
+    model = tiny(layer_kinds=("last_tokens", "full", "last_tokens") * 2, pattern_params=dict(last=12))
+    assert model.cfg.pattern_params["last"] == 12 and model.cfg.pattern("last_tokens") == LastTokens(12)
     torch.manual_seed(length)
     prompt = torch.randint(0, 512, (length,)).tolist()
     logits, tokens = cached_run(model, [prompt], 30, chunk)  # the 12-slot ring wraps
@@ -98,19 +98,19 @@ def test_configs_and_a_training_step(registered, tmp_path):
                                                    "seq_len=64"])
     tok = type("Tok", (), {"n_vocab": 512})
     model_cfg = train_py.model_config(cfg, train_py.base_model(cfg, tok)[0])
-    assert model_cfg.last == 10 and "last_tokens" in model_cfg.layer_kinds and "full" in model_cfg.layer_kinds
+    assert model_cfg.pattern_params["last"] == 10 and "last_tokens" in model_cfg.layer_kinds and "full" in model_cfg.layer_kinds
     with pytest.raises(UserError, match="pattern.last=0"):
         load_config(train_py.TrainConfig, None, ["preset=tiny", "pattern.last=0"])
     # the checkpoint's config keeps it
     assert weights.config_from_dict(weights.config_to_dict(model_cfg)) == model_cfg
     # one training step: the pattern's mask is in effect (another loss than full attention's), and it learns
-    model = tiny(layer_kinds=model_cfg.layer_kinds, last=10).train()
+    model = tiny(layer_kinds=model_cfg.layer_kinds, pattern_params=dict(last=10)).train()
     torch.manual_seed(1)
     tokens = torch.randint(0, 512, (2, 65))
     doc_ids = torch.zeros_like(tokens)
     doc_ids[1, 40:] = 1
     loss = train_py.lm_loss(model, tokens, doc_ids, doc_masking=True)
-    full = longgen.full_attention(tiny(layer_kinds=model_cfg.layer_kinds, last=10))
+    full = longgen.full_attention(tiny(layer_kinds=model_cfg.layer_kinds, pattern_params=dict(last=10)))
     with torch.no_grad():
         assert abs(loss.item() - train_py.lm_loss(full, tokens, doc_ids, doc_masking=True).item()) > 1e-4
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

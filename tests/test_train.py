@@ -161,10 +161,11 @@ def test_pattern_keys_reach_the_converted_model():
     cfg = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml", ["pattern.window=40", "pattern.n_sink=0"])
     tok = type("Tok", (), {"n_vocab": 512})
     model_cfg = train_py.model_config(cfg, train_py.base_model(cfg, tok)[0])
-    assert (model_cfg.window, model_cfg.n_sink) == (40, 0) and "sink_window" in model_cfg.layer_kinds
+    assert (model_cfg.pattern_params["window"], model_cfg.pattern_params["n_sink"]) == (40, 0)
+    assert "sink_window" in model_cfg.layer_kinds
     plain = load_config(train_py.TrainConfig, ROOT / "configs/tiny.yaml")
     default = train_py.model_config(plain, train_py.base_model(plain, tok)[0])
-    assert default.window != 40
+    assert default.pattern_params["window"] != 40
 
 
 @pytest.mark.parametrize("override, message", [
