@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from model import Config, Transformer, apply_rope, rope_angles, rope_frequencies
+from model import Config, Transformer, rope_angles, rope_frequencies
 
 POLICIES = ("none", "streaming", "h2o", "snapkv")
 N_SINK = 4  # StreamingLLM's attention sinks
@@ -86,13 +86,13 @@ class ScoredDecoder:
         recent tokens and the best-scored of the rest. Returns the logits after the prompt, (V,)."""
         model, device, S = self.model, self.inv_freq.device, len(prompt)
         pos = torch.arange(S, device=device)
-        h = model.tok_embeddings(torch.tensor(prompt, device=device))  # (S, D)
+        h = model.tok_embeddings(torch.tensor([prompt], device=device))  # (1, S, D)
         rope = rope_angles(self.inv_freq, pos, h.dtype)
         scored_from = 0 if self.policy == "h2o" else S - self.recent  # snapkv: the observation window only
         for layer in model.layers:
-            q, k, v = _qkv(layer, h, rope, self.H, self.G, self.E)  # (H, S, E), (G, S, E), (G, S, E)
+            q, k, v = (t[0] for t in layer.attention.qkv(layer.attention_norm(h), rope))  # (H|G, S, E)
             out, score = attention_with_scores(q, k, v, pos, pos, score_from=scored_from)
-            h = _finish(layer, h, out)
+            h = layer.after_attention(h, layer.attention.out(out[None]))
             if self.policy == "snapkv":  # a key's neighbours vote with it
                 score = F.avg_pool1d(score[:, None], self.pool, stride=1, padding=self.pool // 2,
                                      count_include_pad=False)[:, 0]
@@ -102,7 +102,7 @@ class ScoredDecoder:
                 cache.keep(torch.cat([best, torch.arange(S - self.recent, S, device=device).expand(self.G, -1)], 1))
             self.caches.append(cache)
         self.next_pos = S
-        return model.output(model.norm(h[-1]))
+        return model.output(model.norm(h[0, -1]))
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
@@ -110,23 +110,23 @@ class ScoredDecoder:
         the recent window if the cache is over budget. Returns the next logits, (V,)."""
         model, device = self.model, self.inv_freq.device
         p = torch.tensor([self.next_pos], device=device)
-        h = model.tok_embeddings(torch.tensor([token], device=device))  # (1, D)
+        h = model.tok_embeddings(torch.tensor([[token]], device=device))  # (1, 1, D)
         rope = rope_angles(self.inv_freq, p, h.dtype)
         for layer, cache in zip(model.layers, self.caches):
-            q, k, v = _qkv(layer, h, rope, self.H, self.G, self.E)
+            q, k, v = (t[0] for t in layer.attention.qkv(layer.attention_norm(h), rope))  # (H|G, 1, E)
             cache.k, cache.v = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1)
             cache.pos = torch.cat([cache.pos, p.expand(self.G, 1)], 1)
             cache.score = torch.cat([cache.score, torch.zeros(self.G, 1, device=device)], 1)
             out, score = attention_with_scores(q, cache.k, cache.v, p, None)
             cache.score += score
-            h = _finish(layer, h, out)
+            h = layer.after_attention(h, layer.attention.out(out[None]))
             n = cache.k.shape[1]
             if n > self.budget:
                 victim = cache.score[:, :n - self.recent].argmin(dim=-1, keepdim=True)  # (G, 1)
                 everything = torch.arange(n, device=device).expand(self.G, n)
                 cache.keep(everything[everything != victim].view(self.G, n - 1))
         self.next_pos += 1
-        return model.output(model.norm(h[0]))
+        return model.output(model.norm(h[0, 0]))
 
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, policy: str, budget: int, *,
@@ -140,18 +140,3 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, policy:
             break
         logits = decoder.step(out[-1])
     return out
-
-
-def _qkv(layer, h_SD, rope, H, G, E):
-    """The layer's queries, keys and values for these tokens, after RoPE: (H, S, E), (G, S, E), (G, S, E)."""
-    S = h_SD.shape[0]
-    q, k, v = layer.attention.wqkv(layer.attention_norm(h_SD)).split([H * E, G * E, G * E], dim=-1)
-    q, k, v = q.view(S, H, E).transpose(0, 1), k.view(S, G, E).transpose(0, 1), v.view(S, G, E).transpose(0, 1)
-    cos, sin = (t[0] for t in rope)  # (1, S, E)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def _finish(layer, h_SD, out_HSE):
-    """The rest of the block: output projection, residual, feed-forward."""
-    h = h_SD + layer.attention.wo(out_HSE.transpose(0, 1).reshape(h_SD.shape[0], -1))
-    return h + layer.feed_forward(layer.ffn_norm(h))
