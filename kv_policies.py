@@ -55,7 +55,7 @@ class ScoredCache:
     def add(self, k_G1E, v_G1E, p_1) -> None:
         """Write one token's key and value into each head's free slot, at score 0."""
         if not self.evicting and self.n == self.slots[0].shape[1]:  # out of room: twice the slots (<= budget + 1)
-            extra = min(self.budget + 1, 2 * self.n) - self.n
+            extra = min(self.budget + 1, 2 * self.n + 1) - self.n
             self.slots = [torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1) for t in self.slots]
         k, v, pos, score = self.slots
         heads = torch.arange(k.shape[0], device=k.device)
