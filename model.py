@@ -217,17 +217,26 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD, rope, mask, cache=None):
         """The q/k/v product, RoPE, the attention (writing and reading the cache, if any), and wo: (B, T, D)."""
+        q, k, v = self.qkv(x_BTD, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
+        return self.out(masked_attention(q, k, v, mask))
+
+    def qkv(self, x_BTD, rope):
+        """The queries (B, H, T, E), keys and values (B, G, T, E) of these tokens, after RoPE. Also used by the
+        post-hoc KV baselines (kv_policies.py), which attend on their own."""
         B, T, _ = x_BTD.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x_BTD).split([H * E, G * E, G * E], dim=-1)
         q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
         k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
         v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (B, G, S, E)
-        y = masked_attention(q, k, v, mask)  # (B, H, T, E)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * E))
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def out(self, y_BHTE):
+        """The heads' outputs (B, H, T, E) concatenated and projected by wo: (B, T, D)."""
+        B, H, T, E = y_BHTE.shape
+        return self.wo(y_BHTE.transpose(1, 2).reshape(B, T, H * E))
 
 
 class FeedForward(nn.Module):
@@ -250,7 +259,11 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x_BTD, rope, mask, cache=None):
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), rope, mask, cache)
+        return self.after_attention(x_BTD, self.attention(self.attention_norm(x_BTD), rope, mask, cache))
+
+    def after_attention(self, x_BTD, attn_BTD):
+        """The rest of the block once attention's output (after wo) is known: residual, feed-forward, residual."""
+        h = x_BTD + attn_BTD
         return h + self.feed_forward(self.ffn_norm(h))
 
 

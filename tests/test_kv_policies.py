@@ -2,10 +2,11 @@
 attention when the budget covers the whole sequence."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kv_policies import ScoredDecoder, attention_with_scores, generate, streaming_config
+from kv_policies import ScoredDecoder, attend_one, generate, received_attention, streaming_config
 from masks import dense_mask
-from model import build, init_weights, preset
+from model import build, init_weights, preset, rope_angles, rope_frequencies
 
 
 def tiny():
@@ -19,12 +20,99 @@ def test_attention_scores_are_the_attention_each_key_receives():
     torch.manual_seed(1)
     H, G, S, E = 4, 2, 37, 8
     q, k, v = torch.randn(H, S, E), torch.randn(G, S, E), torch.randn(G, S, E)
-    pos = torch.arange(S)
-    out, score = attention_with_scores(q, k, v, pos, pos, score_from=30, chunk=8)
     kk = k.repeat_interleave(2, 0)
     probs = ((q @ kk.transpose(1, 2)) / E ** 0.5).masked_fill(torch.ones(S, S).triu(1).bool(), -torch.inf).softmax(-1)
-    torch.testing.assert_close(out, probs @ v.repeat_interleave(2, 0), atol=1e-5, rtol=1e-5)
+    score = received_attention(q[:, 30:], k, 30, chunk=3)  # the last 7 queries, in chunks of 3
     torch.testing.assert_close(score, probs[:, 30:].sum(1).view(G, 2, S).sum(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received_attention(q, k, 0, chunk=8), probs.sum(1).view(G, 2, S).sum(1))
+    out, score = attend_one(q[:, -1:], k, v)  # the last query sees every key
+    torch.testing.assert_close(out, probs[:, -1:] @ v.repeat_interleave(2, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score, probs[:, -1].view(G, 2, S).sum(1), atol=1e-5, rtol=1e-5)
+
+
+class OldDecoder:
+    """The first implementation, kept as the reference: fp32 attention probabilities for every query chunk, and
+    decoding steps that concatenate the new token and gather the kept ones."""
+
+    def __init__(self, model, policy, budget, window=8, pool=7):
+        self.model, self.policy, self.budget, self.pool = model, policy, budget, pool
+        self.recent = budget // 2 if policy == "h2o" else min(window, budget)
+        self.G, self.caches = model.cfg.n_kv_heads, []
+
+    @staticmethod
+    def attention(q, k, v, q_pos, k_pos, score_from=0, chunk=16):
+        H, G = q.shape[0], k.shape[0]
+        k, v = k.repeat_interleave(H // G, 0), v.repeat_interleave(H // G, 0)
+        outs, scores = [], torch.zeros(G, k.shape[1])
+        for a in range(0, q.shape[1], chunk):
+            logits = (q[:, a:a + chunk].float() @ k.float().transpose(1, 2)) / q.shape[-1] ** 0.5
+            if k_pos is not None:
+                logits = logits.masked_fill(k_pos[None, None, :] > q_pos[None, a:a + chunk, None], float("-inf"))
+            probs = logits.softmax(dim=-1)
+            outs.append((probs @ v.float()).to(q.dtype))
+            scores += probs[:, max(score_from - a, 0):].sum(dim=1).view(G, H // G, -1).sum(dim=1)
+        return torch.cat(outs, dim=1), scores
+
+    def keep(self, c, idx):
+        idx = idx.sort(dim=-1).values
+        c["k"], c["v"] = (c[n].gather(1, idx[..., None].expand(-1, -1, c[n].shape[-1])) for n in "kv")
+        c["pos"], c["score"] = c["pos"].gather(1, idx), c["score"].gather(1, idx)
+
+    def run(self, prompt, steps):
+        model, S, G = self.model, len(prompt), self.G
+        pos = torch.arange(S)
+        h = model.tok_embeddings(torch.tensor([prompt]))
+        inv_freq = rope_frequencies(model.cfg)
+        rope = rope_angles(inv_freq, pos, h.dtype)
+        for layer in model.layers:
+            q, k, v = (t[0] for t in layer.attention.qkv(layer.attention_norm(h), rope))
+            out, score = self.attention(q, k, v, pos, pos, score_from=0 if self.policy == "h2o" else S - self.recent)
+            h = layer.after_attention(h, layer.attention.out(out[None]))
+            if self.policy == "snapkv":
+                score = F.avg_pool1d(score[:, None], self.pool, stride=1, padding=self.pool // 2,
+                                     count_include_pad=False)[:, 0]
+            c = dict(k=k, v=v, pos=pos.expand(G, S).clone(), score=score)
+            if S > self.budget:
+                best = score[:, :S - self.recent].topk(self.budget - self.recent, dim=-1).indices
+                self.keep(c, torch.cat([best, torch.arange(S - self.recent, S).expand(G, -1)], 1))
+            self.caches.append(c)
+        logits, kept = [model.output(model.norm(h[0, -1]))], [torch.stack([c["pos"] for c in self.caches])]
+        for step in range(steps):
+            p = torch.tensor([S + step])
+            h = model.tok_embeddings(torch.tensor([[int(logits[-1].argmax())]]))
+            rope = rope_angles(inv_freq, p, h.dtype)
+            for layer, c in zip(model.layers, self.caches):
+                q, k, v = (t[0] for t in layer.attention.qkv(layer.attention_norm(h), rope))
+                c["k"], c["v"] = torch.cat([c["k"], k], 1), torch.cat([c["v"], v], 1)
+                c["pos"], c["score"] = torch.cat([c["pos"], p.expand(G, 1)], 1), torch.cat([c["score"],
+                                                                                           torch.zeros(G, 1)], 1)
+                out, score = self.attention(q, c["k"], c["v"], p, None)
+                c["score"] += score
+                h = layer.after_attention(h, layer.attention.out(out[None]))
+                n = c["k"].shape[1]
+                if n > self.budget:
+                    victim = c["score"][:, :n - self.recent].argmin(dim=-1, keepdim=True)
+                    everything = torch.arange(n).expand(G, n)
+                    self.keep(c, everything[everything != victim].view(G, n - 1))
+            logits.append(model.output(model.norm(h[0, 0])))
+            kept.append(torch.stack([c["pos"] for c in self.caches]))
+        return torch.stack(logits), kept
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_same_kept_tokens_and_logits_as_the_first_implementation(policy):
+    """The SDPA prefill with scores from the scored queries alone, and decoding in place, keep the same tokens as
+    the exact fp32 computation over every query chunk with concatenate-and-gather steps (OldDecoder above)."""
+    model = tiny()
+    prompt = torch.randint(0, 512, (90,)).tolist()
+    with torch.no_grad():
+        reference, kept = OldDecoder(model, policy, budget=24).run(prompt, steps=30)
+        decoder = ScoredDecoder(model, policy, budget=24, window=8)
+        logits = [decoder.prefill(prompt)]
+        for step in range(30):
+            assert torch.equal(torch.stack([c.pos for c in decoder.caches]), kept[step]), f"step {step}"
+            logits.append(decoder.step(int(logits[-1].argmax())))
+    torch.testing.assert_close(torch.stack(logits), reference, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["h2o", "snapkv"])
