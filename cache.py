@@ -53,11 +53,12 @@ class KindCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.slot_pos = torch.full((batch, C), -1, device=device, dtype=torch.int32)  # (B, C) position in each slot
         self.mask_mod = pattern.mask_mod(device)
-        self.slots = self.slot_of(torch.arange(max_len, device=device, dtype=torch.int32))  # (max_len,) by position
+        positions = torch.arange(max_len, dtype=torch.int32)  # on the CPU: a "meta" cache (its size alone) has no data
+        slots = self.slot_of(positions)
+        self.slots = slots.to(device)  # (max_len,) the slot of every position
         # positions 0 .. in_place - 1 are stored at their own slot: until then nothing is evicted and a prefill chunk
         # is written in place, as a full layer's always is (sink + window: the first n_sink + window tokens)
-        positions = torch.arange(max_len, dtype=torch.int32)  # on the CPU: a "meta" cache (its size alone) has no data
-        moved = (self.slot_of(positions) != positions).nonzero()
+        moved = (slots != positions).nonzero()
         self.in_place = int(moved[0, 0]) if len(moved) else max_len
 
     def slot_of(self, pos: Tensor) -> Tensor:
@@ -157,20 +158,26 @@ class Cache:
         for kind, kc in self.kinds.items():
             if c0 + T <= kc.in_place:  # nothing evicted yet: write the chunk in place, attend to everything up to it
                 self._plans[kind] = None
-                masks[kind] = None if c0 == 0 and T <= kc.pattern.reach() else (  # within the reach: causal, SDPA
-                    block_mask(kc.pattern, T, c0 + T, batch=B, q_offset=c0, block_size=self.cfg.mask_block,
-                               device=device) if use_flex else
-                    dense_mask(kc.pattern, T, c0 + T, batch=B, q_offset=c0, device=device))
+                masks[kind] = self._prefix_mask(kc, c0, T, use_flex)
                 continue
             C = kc.capacity
             slot = torch.where(valid, kc.slot_of(positions)[None, :], C)  # (B, T), C = not stored
             owner = torch.full((B, C + 1), -1, device=device, dtype=torch.long).scatter_reduce_(
                 1, slot.long(), torch.arange(T, device=device).expand(B, T), "amax")[:, :C]  # (B, C) last writer
             self._plans[kind] = owner
-            masks[kind] = self._chunk_mask(kc, c0, T, use_flex) if c0 else (  # an empty cache: the chunk alone
-                block_mask(kc.pattern, T, T, batch=B, block_size=self.cfg.mask_block, device=device) if use_flex else
-                dense_mask(kc.pattern, T, T, batch=B, device=device))
+            # an empty cache: the chunk attends to itself alone (update() gives it no cached keys)
+            masks[kind] = self._chunk_mask(kc, c0, T, use_flex) if c0 else self._prefix_mask(kc, 0, T, use_flex)
         return positions, masks
+
+    def _prefix_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
+        """Queries c0 .. c0 + T - 1 against keys 0 .. c0 + T - 1 held in order: None (SDPA's causal kernel) for a first
+        chunk within the pattern's reach, else the pattern's mask."""
+        if c0 == 0 and T <= kc.pattern.reach():
+            return None
+        if use_flex:
+            return block_mask(kc.pattern, T, c0 + T, batch=self.batch, q_offset=c0, block_size=self.cfg.mask_block,
+                              device=self.pos.device)
+        return dense_mask(kc.pattern, T, c0 + T, batch=self.batch, q_offset=c0, device=self.pos.device)
 
     def _chunk_mask(self, kc: KindCache, c0: int, T: int, use_flex: bool):
         """Queries c0 .. c0 + T - 1 against [the cache's C slots | the chunk's T tokens]."""
