@@ -356,17 +356,12 @@ class FusedBlock(Block):
         wo (which the caller folds the residual into): (B, T, H * E)."""
         attn, norm = self.attention, self.attention_norm
         B, T, _ = x_BTD.shape
-        H, G, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
         buffers = cache.decode_buffers(attn.layer_id) if cache is not None and cache.decoding else None
         if buffers is not None and rope_fusable(x_BTD, norm, attn.wqkv, cache.rope_table, buffers[0]):
             k, v, slots = buffers  # decoding one sequence on a GPU: norm, product, RoPE, cache write in one kernel
-            q = norm_qkv_rope(x_BTD, norm, attn.wqkv, cache.rope_table, cache.pos, k, v, slots, H)
+            q = norm_qkv_rope(x_BTD, norm, attn.wqkv, cache.rope_table, cache.pos, k, v, slots, attn.n_heads)
         else:
-            q, k, v = norm_linear(x_BTD, norm, attn.wqkv).split([H * E, G * E, G * E], dim=-1)
-            q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
-            k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
-            v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = attn.heads(norm_linear(x_BTD, norm, attn.wqkv), rope)
             if cache is not None:
                 k, v = cache.update(attn.layer_id, k, v)  # (B, G, S, E)
         y = masked_attention(q, k, v, mask)  # (B, H, T, E)

@@ -328,7 +328,7 @@ class Strided(Pattern):
     def reach(self) -> float:
         # the query block local_blocks and the key block 0 are local_blocks apart, and block 0 is kept only with
         # stride == 1 (then every block is kept: no limit)
-        return self.local_blocks * self.block if self.stride > 1 else math.inf
+        return self.ring() if self.stride > 1 else math.inf
 
     def ring(self) -> int:
         """Slots of the local blocks' ring, in front of the kept blocks."""
@@ -344,7 +344,7 @@ class Strided(Pattern):
                            (kb % self.local_blocks) * self.block) + offset
 
     def lookback(self) -> int:
-        return self.local_blocks * self.block - 1
+        return self.ring() - 1
 
     def far_rows(self, before):
         # the document's kept blocks: of n consecutive positions at most (n // P)·block + min(n % P, block)

@@ -225,9 +225,14 @@ class Attention(nn.Module):
     def qkv(self, x_BTD, rope):
         """The queries (B, H, T, E), keys and values (B, G, T, E) of these tokens, after RoPE. Also used by the
         post-hoc KV baselines (kv_policies.py), which attend on their own."""
-        B, T, _ = x_BTD.shape
+        return self.heads(self.wqkv(x_BTD), rope)
+
+    def heads(self, qkv_BTF, rope):
+        """wqkv's output split into queries, keys and values per head, RoPE applied (kernels.FusedBlock computes the
+        product its own way, then calls this)."""
+        B, T, _ = qkv_BTF.shape
         H, G, E = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x_BTD).split([H * E, G * E, G * E], dim=-1)
+        q, k, v = qkv_BTF.split([H * E, G * E, G * E], dim=-1)
         q = q.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
         k = k.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
         v = v.view(B, T, G, E).transpose(1, 2)  # (B, G, T, E)
