@@ -12,7 +12,8 @@ h2o and snapkv choose per head from attention probabilities, so they run here, e
 prompt is processed with full attention (SDPA), layer by layer, and the scores apart from it: snapkv's from the last
 `window` queries alone, h2o's from every query, chunk by chunk (fp32 softmax, as exact as the model's own); the cache
 is then cut to the budget. Each decoding step adds one token per head and evicts the lowest-scoring one outside the
-recent window, in place (ScoredCache), so the cache never holds more than `budget` tokens. Scores keep accumulating over decoding steps. With a budget covering the whole sequence, nothing is
+recent window, in place (ScoredCache), so the cache never holds more than `budget` tokens. Scores keep accumulating
+over decoding steps. With a budget covering the whole sequence, nothing is
 evicted and the result is that of full attention.
 
 Legend: H query heads, G key/value heads, S tokens, E head width, n tokens kept.
@@ -46,17 +47,19 @@ class ScoredCache:
 
     def __init__(self, k_GnE, v_GnE, pos_Gn, score_Gn, budget: int):
         G, n, _ = k_GnE.shape
-        size = min(budget + 1, n + 256)  # grows (twice as large, at most budget + 1) while the cache fills
-        grow = lambda t: torch.cat([t, t.new_zeros(G, size - n, *t.shape[2:])], 1)  # noqa: E731
-        self.slots = [grow(t) for t in (k_GnE, v_GnE, pos_Gn, score_Gn)]  # k, v (G, size, E); pos, score (G, size)
+        self.slots = [k_GnE, v_GnE, pos_Gn, score_Gn]  # k, v (G, size, E); pos, score (G, size)
+        self._grow(min(budget + 1, n + 256))  # grows (twice as large, at most budget + 1) while the cache fills
         self.budget, self.n, self.evicting = budget, n, False  # n: slots in use; evicting: one of them is free
         self.free = torch.full((G,), n, device=k_GnE.device)  # (G,) where each head's next token goes
+
+    def _grow(self, size: int) -> None:
+        """Room for `size` slots per head (the new ones zero)."""
+        self.slots = [torch.cat([t, t.new_zeros(t.shape[0], size - t.shape[1], *t.shape[2:])], 1) for t in self.slots]
 
     def add(self, k_G1E, v_G1E, p_1) -> None:
         """Write one token's key and value into each head's free slot, at score 0."""
         if not self.evicting and self.n == self.slots[0].shape[1]:  # out of room: twice the slots (<= budget + 1)
-            extra = min(self.budget + 1, 2 * self.n + 1) - self.n
-            self.slots = [torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1) for t in self.slots]
+            self._grow(min(self.budget + 1, 2 * self.n + 1))
         k, v, pos, score = self.slots
         heads = torch.arange(k.shape[0], device=k.device)
         k[heads, self.free], v[heads, self.free] = k_G1E[:, 0], v_G1E[:, 0]
