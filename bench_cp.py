@@ -344,10 +344,8 @@ def _run(args, rank, world, device) -> dict:
             return record(dict(head, skipped=f"past --budget-s {args.budget_s:g}"))
         alone = dp * cp_ == 1  # one GPU: rank 0 measures, the others wait for it
         if group_mesh is not None:
-            result = measure(model_cfg, length, group_mesh, cp_grp, exchange, data, args, reshard)
-            # dp: from the mean step, since the ranks' windows (and so their steps) differ
-            step_s = result["mean_step_s"] if part == "dp" else result["step_s"]
-            record(dict(head, tokens_per_s=dp * length / step_s, **result))
+            result = dict(head, **measure(model_cfg, length, group_mesh, cp_grp, exchange, data, args, reshard))
+            record(dict(result, tokens_per_s=dp * length / timed_step(result)))
         if alone:
             dist.barrier()
 
@@ -384,6 +382,12 @@ def _run(args, rank, world, device) -> dict:
     return report if rank == 0 else {}
 
 
+def timed_step(row: dict) -> float:
+    """A row's step time for its tokens/s: the median step, but for dp the mean (the ranks' windows differ, and so do
+    their steps; a report written before dp rows had a mean gives the median)."""
+    return row.get("mean_step_s", row["step_s"]) if row["part"] == "dp" else row["step_s"]
+
+
 def _write(path, report) -> None:
     """The report as JSON, written whole (a temporary file, then renamed)."""
     path = Path(path)
@@ -406,8 +410,8 @@ def table(report: dict) -> str:
         return f"{ref['step_s'] / r['step_s']:.2f}x" if ref is not None and ref is not r else ""
 
     out = [f"{report['device']} x {report['gpus']}, torch {report['torch']}, {report['dtype']}, documents: "
-           f"{report['docs']}; cp and single: {report['preset']} width, {report['layers']} layers; median (dp: mean) of "
-           f"{report['steps']} steps after {report['warmup']}",
+           f"{report['docs']}; cp and single: {report['preset']} width, {report['layers']} layers; "
+           f"median (dp: mean) of {report['steps']} steps after {report['warmup']}",
            "\n| part | context | layout | exchange | dp x cp | docs | step s | tokens/s | vs full | vs all-gather | "
            "vs 1 GPU | peak GiB/GPU | sparse rows/layer | of all-gather | sparse GB/step | full GB/step |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -433,8 +437,7 @@ def table(report: dict) -> str:
                          f"{sparse['bytes_per_step'] / 1e9:.3f}"]
         if "full" in r["exchanged"]:
             cells[3] = f"{r['exchanged']['full']['bytes_per_step'] / 1e9:.3f}"
-        step_s = r.get("mean_step_s", r["step_s"]) if r["part"] == "dp" else r["step_s"]
-        out.append(f"{head} {step_s:.3f} | {r['tokens_per_s']:,.0f} | {faster(full, r)} | "
+        out.append(f"{head} {timed_step(r):.3f} | {r['tokens_per_s']:,.0f} | {faster(full, r)} | "
                    f"{faster(gathered, r)} | {scaling} | {r['peak_gib']:.1f} | {' | '.join(cells)} |")
     return "\n".join(out)
 
