@@ -143,14 +143,14 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
     arrays of held-out text) and choose the `n_full` layers that stay full under `rule`. With `validation_seed`, the
     chosen layout, every layer full and the paper's middle third are also measured on windows drawn with that seed,
     which the choice never saw. The model's config is left as it was. Deterministic for probe.seed."""
-    from longgen import SPARSE_KINDS, longgen_layout
+    from longgen import longgen_layout, sparse_kinds
 
     cfg, probe = model.cfg, probe or Probe()
     L = cfg.n_layers
     if rule not in RULES:
         raise UserError(f"Unknown calibration rule {rule!r}; choose one of: {', '.join(RULES)}.")
-    if sparse not in SPARSE_KINDS:
-        raise UserError(f"Unknown sparse kind {sparse!r}; choose one of: {', '.join(SPARSE_KINDS)}.")
+    if sparse not in sparse_kinds():
+        raise UserError(f"Unknown sparse kind {sparse!r}; choose one of: {', '.join(sparse_kinds())}.")
     if isinstance(n_full, bool) or not isinstance(n_full, int) or not 1 <= n_full <= L:
         raise UserError(f"n_full={n_full} must be a whole number of layers from 1 to {L}.")
     if probe.samples < 1 or probe.batch_size < 1:

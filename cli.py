@@ -42,7 +42,7 @@ def names(module: str, attr: str) -> tuple[str, ...]:
 
 
 def sparse_kinds() -> tuple[str, ...]:
-    """longgen.SPARSE_KINDS without importing it (and torch): the `kind` of every class masks.py registers, but
+    """longgen.sparse_kinds() without importing it (and torch): the `kind` of every class masks.py registers, but
     full."""
     kinds = []
     for node in ast.parse((HERE / "masks.py").read_text(encoding="utf-8")).body:

@@ -26,8 +26,6 @@ def sparse_kinds() -> tuple[str, ...]:
     return tuple(k for k in PATTERNS if k != "full")
 
 
-SPARSE_KINDS = sparse_kinds()  # the built-in ones
-
 
 def longgen_layout(n_layers: int, full_fraction: float = 1 / 3, placement: str = "middle",
                    sparse: str = "sink_window", full_layers: list[int] | None = None) -> tuple[str, ...]:

@@ -215,7 +215,7 @@ def test_calibrated_layer_options_refused_where_they_do_nothing(argv, message):
 def test_placement_choices_come_from_longgen():
     """--help lists longgen.PLACEMENTS (and the sparse kinds) read from the source, without importing it."""
     assert cli.names("longgen", "PLACEMENTS") == longgen.PLACEMENTS
-    assert cli.sparse_kinds() == longgen.SPARSE_KINDS
+    assert cli.sparse_kinds() == longgen.sparse_kinds()
     import kv_policies
 
     assert cli.names("kv_policies", "POLICIES") == kv_policies.POLICIES
