@@ -9,7 +9,7 @@ For each layout (every layer full, then LongGen with each sparse variant) it mea
   generate.py runs it; median of 5 for short prompts), and decode ms/token with the compiled CUDA-graph step, against
   the memory-bandwidth roofline: (weight bytes + KV bytes read per token) / measured copy bandwidth;
 - products: each matrix-vector product of a batch-1 decoding step, as cuBLAS alone, as the plain step (norm or
-  activation, cuBLAS, residual) and as kernels.py's fused Triton kernel, in GB/s of weights read;
+  activation, cuBLAS, residual) and as decoding/kernels.py's fused Triton kernel, in GB/s of weights read;
 - masks: the time to build each sparse pattern's BlockMask at each length;
 - train: one training step (forward + backward of the loss, activation checkpointing and per-block compile as
   train.py) of a reduced-depth model at full width (`--train-layers`, default 8: 3 full of 8 is LongGen's 12 of 32);
@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from decoding import kernels
 import longgen
 import train
 from cache import Cache
-from config import parse_length
+from training.config import parse_length
 from errors import UserError, run_cli
 from generate import compiled_decode, decode_one, prefill
 from masks import block_mask
@@ -212,8 +212,9 @@ def graph_ms(fn, device) -> float:
 
 def products(cfg, args, copy_GBps: float) -> list[dict]:
     """Each matrix-vector product of a batch-1 decoding step, three ways: cuBLAS alone (F.linear); the plain step (its
-    RMSNorm or SiLU x up as kernels of their own, then cuBLAS, then the residual add); kernels.py's fused kernel, which
-    does all of it in one. Weights rotate through copies of 4x the L2 cache, so each is read from memory."""
+    RMSNorm or SiLU x up as kernels of their own, then cuBLAS, then the residual add); decoding/kernels.py's fused
+    kernel, which does all of it in one. Weights rotate through copies of 4x the L2 cache, so each is read from
+    memory."""
     device, dtype = args.device, torch.bfloat16
     D, Fd, E = cfg.dim, cfg.ffn_dim, cfg.head_dim
     shapes = {"wqkv, RMSNorm in": ("norm", (cfg.n_heads + 2 * cfg.n_kv_heads) * E, D),
@@ -351,7 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk, as generate.py --chunk")
     p.add_argument("--flex-decode", default="", help="attention kinds that decode with flex decoding instead of "
                                                      "SDPA with a dense mask, e.g. full,sink_window")
-    p.add_argument("--decode-kernels", default="fused", help="decoding's products: fused (kernels.py's Triton GEMVs "
+    p.add_argument("--decode-kernels", default="fused", help="decoding's products: fused (Triton GEMVs "
                                                                "with RMSNorm, SiLU and residuals inside, at batch 1 on "
                                                                "a GPU), plain (cuBLAS and separate kernels), or both: "
                                                                "fused,plain")

@@ -20,7 +20,7 @@ Packages are fetched with `apt-get download` into a temporary directory and unpa
 installed and no root is needed (but the package lists must be there: run `apt-get update` once if they are not).
 A source whose directory exists is not built again (delete it to rebuild). STATS.md, written last, gives documents,
 characters and SmolLM2 tokens per source, how many documents reach 8K and 32K tokens, and each package's licence; the
-token count fills data.py's token cache (--cache-dir) on the way.
+token count fills training/data.py's token cache (--cache-dir) on the way.
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-import tokenizer
-import weights
-from data import DataConfig, load_documents
-from debian import fetch, novels
+from loading import tokenizer
+from loading import weights
+from training.data import DataConfig, load_documents
+from loading.debian import fetch, novels
 from errors import UserError, run_cli
 
 MAX_CHARS = 400_000  # a chapter of the manuals: at most this many characters (about 100K tokens)
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("data/corpus"), help="where to write (default: data/corpus)")
     p.add_argument("--sources", default=",".join(BUILDERS),
                    help=f"comma-separated sources to build (default: {','.join(BUILDERS)})")
-    p.add_argument("--cache-dir", default=DataConfig().cache_dir, help="data.py's token cache (for STATS.md)")
+    p.add_argument("--cache-dir", default=DataConfig().cache_dir, help="training/data.py's token cache (for STATS.md)")
     args = p.parse_args(argv)
     names = args.sources.split(",")
     if unknown := set(names) - set(BUILDERS):

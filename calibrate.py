@@ -281,7 +281,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import longgen
-    from data import DataConfig, load_documents
+    from training.data import DataConfig, load_documents
     from model import compile_settings
 
     compile_settings()

@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import cli
-from config import parse_length
+from training.config import parse_length
 from errors import UserError, run_cli
 
 RULER_THRESHOLD = 85.6  # RULER's effective length: the longest length whose mean score stays above this
@@ -100,9 +100,9 @@ if __name__ == "__main__":  # parsed before torch is imported: --help and a mist
 import torch  # noqa: E402
 
 import generate as gen  # noqa: E402
-import kernels  # noqa: E402
-import kv_policies  # noqa: E402
-from eval_tasks import Task, tasks_for  # noqa: E402
+from decoding import kernels  # noqa: E402
+from evaluation import kv_policies  # noqa: E402
+from evaluation.tasks import Task, tasks_for  # noqa: E402
 from model import compile_settings  # noqa: E402
 
 
@@ -138,7 +138,7 @@ def run_task(model, tok, task: Task, length: int, args, depths, bar=None) -> lis
 def perplexity(model, tok, paths: list[str], length: int, n_buckets: int = 8, n_docs: int = 8) -> list[float]:
     """Mean loss per position bucket over the first `length` tokens of held-out documents at least that long: the
     loss should keep falling with position if the model uses its long context."""
-    from data import DataConfig, load_documents
+    from training.data import DataConfig, load_documents
 
     docs = [d for ds in load_documents(DataConfig(paths=paths), tok).values() for d in ds if len(d) > length]
     if not docs:

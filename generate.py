@@ -88,10 +88,10 @@ if __name__ == "__main__":  # parsed before torch is imported: --help and a mist
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+from decoding import kernels  # noqa: E402
 from cache import Cache  # noqa: E402
 from model import Transformer, compile_settings  # noqa: E402
-from tokenizer import StreamDecoder  # noqa: E402
+from loading.tokenizer import StreamDecoder  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ generation

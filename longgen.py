@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-import tokenizer
-import weights
+from loading import tokenizer
+from loading import weights
 from errors import UserError
 from masks import PATTERNS, parameters
 from model import Config, Transformer, build

@@ -240,7 +240,7 @@ class Pattern:
         """The slot each position is written to (any int32 tensor of positions)."""
         return pos
 
-    # context parallelism (context_parallel.py): what a run of queries needs from before its first position a
+    # context parallelism (training/context_parallel.py): what a run of queries needs from before its first position a
     def lookback(self) -> int | None:
         """How many positions before a a query of the run can see without the document's start mattering (the local
         part); None: all of them (the kind all-gathers)."""
@@ -421,7 +421,7 @@ def whole_tiles(q_cut: Tensor, k_cut: Tensor) -> Tensor:
 def document_blocks(pattern, doc_ids, q_lo, q_hi, k_lo, k_hi):
     """Block rules in document-local positions: (B, NQ, NK) any / all, for blocks given by their first and last
     position ((NQ,) and (NK,)). Exact for blocks of consecutive positions; for a block that holds only some of the
-    positions of its range (context_parallel.py's gathered keys) "any" can only grow and "all" only shrink."""
+    positions of its range (training/context_parallel.py's gathered keys) "any" can only grow and "all" only shrink."""
     starts = document_starts(doc_ids)  # (B, S)
 
     def describe(lo, hi):  # per block: first and last document, and local positions of its first and last token

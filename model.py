@@ -16,8 +16,12 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from errors import UserError
 from masks import PATTERNS, Pattern, block_mask, dense_mask, document_starts, make_pattern, parameters
+
+try:  # the project's one-sentence mistakes, printed without a traceback by its command-line tools
+    from errors import UserError
+except ImportError:  # model.py copied on its own: a plain ValueError
+    UserError = ValueError
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Config:
     # sink_window n_sink=64, window=2048; strided block=64, local_blocks=16, stride=64). Unset ones take the default.
     # Read one as cfg.pattern_params["window"]; change some with cfg.with_pattern(window=4096).
     pattern_params: dict[str, int] = field(default_factory=dict)
-    mask_block: int = 128  # FlexAttention BlockMask tile, in tokens (bench_masks.py: 128 beats 64; see BENCHMARKS.md)
+    mask_block: int = 128  # FlexAttention BlockMask tile, in tokens (benchmarks/bench_masks.py: 128 beats 64)
     head_dim: int = field(init=False)
 
     def __post_init__(self):
@@ -224,7 +228,7 @@ class Attention(nn.Module):
 
     def qkv(self, x_BTD, rope):
         """The queries (B, H, T, E), keys and values (B, G, T, E) of these tokens, after RoPE. Also used by the
-        post-hoc KV baselines (kv_policies.py), which attend on their own."""
+        post-hoc KV baselines (evaluation/kv_policies.py), which attend on their own."""
         return self.heads(self.wqkv(x_BTD), rope)
 
     def heads(self, qkv_BTF, rope):

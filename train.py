@@ -7,7 +7,7 @@ same model with every layer full (the comparison).
 
 Steps: load the checkpoint, convert it (layout, sparse pattern, new RoPE base), wrap every block (activation
 checkpointing -> compile -> fully_shard), then train with AdamW, warm-up and a constant or cosine schedule, gradient
-accumulation and clipping. Checkpoints (torch.distributed.checkpoint, checkpoint.py) hold the model, optimizer,
+accumulation and clipping. Checkpoints (torch.distributed.checkpoint, training/checkpoint.py) hold the model, optimizer,
 schedule, data position and RNG; one is written to `step_N.tmp` and renamed when complete, so a crash mid-save leaves
 the last one intact, and `--resume` continues bit for bit. At the end the model is exported as one longgen checkpoint
 that `generate.py --checkpoint` loads, and with `--export-hf DIR` also as a Hugging Face Llama directory. A run locks
@@ -33,14 +33,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import calibrate
-import checkpoint
+from training import checkpoint
 import longgen
 import masks
-import tokenizer
-import weights
-from config import load_config
-from context_parallel import cp_forward, cp_mean, exchange_report, shard
-from data import DataConfig, PackedStream, load_documents
+from loading import tokenizer
+from loading import weights
+from training.config import load_config
+from training.context_parallel import cp_forward, cp_mean, exchange_report, shard
+from training.data import DataConfig, PackedStream, load_documents
 from errors import UserError, run_cli
 from model import build, compile_settings, preset
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model  # noqa: E402
-import weights  # noqa: E402
+from loading import weights  # noqa: E402
 
 model.compile_settings()  # as the entry points do: the tests compile flex for many shapes
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tokenizer import Tokenizer  # noqa: E402
+from loading.tokenizer import Tokenizer  # noqa: E402
 
 LAYOUTS = ("sink_window", "strided", "full")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}

@@ -1,19 +1,20 @@
-"""bench_cp.py end to end on two CPU processes (gloo) at tiny sizes: every part and row runs, the JSON holds them, the
-exchange is counted, and the table's ratios come from the measured numbers (which mean nothing on a CPU)."""
+"""benchmarks/bench_cp.py end to end on two CPU processes (gloo) at tiny sizes: every part and row runs, the JSON holds
+them, the exchange is counted, and the table's ratios come from the measured numbers (which mean nothing on a CPU)."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-import bench_cp
+from benchmarks import bench_cp
 from conftest import ROOT
 from errors import UserError
 
 
 def bench(out, *args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "bench_cp.py",
-           "--preset", "tiny", "--dp-preset", "tiny", "--layers", "4", "--no-compile", "--json", str(out), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "benchmarks.bench_cp", "--preset", "tiny", "--dp-preset", "tiny", "--layers", "4", "--no-compile", "--json",
+           str(out), *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_cuda
 
-import kernels
+from decoding import kernels
 import longgen
 from cache import Cache
 from generate import compiled_decode, decode_one, generate, prefill

@@ -1,5 +1,5 @@
-"""checkpoint.py in one process: a checkpoint is whole or absent, damage is named, nothing in one is unpickled, and
-one run holds an out_dir at a time. (End-to-end runs of train.py are in test_train.py.)"""
+"""training/checkpoint.py in one process: a checkpoint is whole or absent, damage is named, nothing in one is
+unpickled, and one run holds an out_dir at a time. (End-to-end runs of train.py are in test_train.py.)"""
 import errno
 import json
 import os
@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-import checkpoint
+from training import checkpoint
 import train as train_py
-from config import load_config
+from training.config import load_config
 from conftest import ROOT
 from errors import UserError
 
@@ -210,7 +210,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused(tmp_path):
 
 
 def test_a_killed_run_does_not_leave_its_lock_behind(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint; from pathlib import Path; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from training import checkpoint; "
                                "lock = checkpoint.lock_out_dir(Path(sys.argv[1])); print('locked', flush=True); "
                                "time.sleep(300)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

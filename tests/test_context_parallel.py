@@ -1,5 +1,5 @@
-"""context_parallel.py on CPUs: 2 and 4 gloo processes against one process running model.py, for every layer kind,
-with and without packed documents, for both exchanges (pattern and all-gather)."""
+"""training/context_parallel.py on CPUs: 2 and 4 gloo processes against one process running model.py, for every
+layer kind, with and without packed documents, for both exchanges (pattern and all-gather)."""
 import socket
 from dataclasses import replace
 
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import longgen
-from context_parallel import (CPAttention, capacity, cp_forward, cp_mean, cp_mask, exchange_report, needed_keys,
-                              shard, unshard, zigzag_positions)
+from training.context_parallel import (CPAttention, capacity, cp_forward, cp_mean, cp_mask, exchange_report,
+                                       needed_keys, shard, unshard, zigzag_positions)
 from masks import make_pattern
 from model import build, preset
 

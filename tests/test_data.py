@@ -1,5 +1,5 @@
-"""data.py and token_store.py: reading corpora into token stores, and the packed, upsampled, resumable stream;
-Tokenizer.encode_ordinary."""
+"""training/data.py and training/token_store.py: reading corpora into token stores, and the packed, upsampled,
+resumable stream; Tokenizer.encode_ordinary."""
 import functools
 import hashlib
 import json
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-import token_store
-import tokenizer as tokenizers
-from data import DataConfig, PackedStream, load_documents
+from training import token_store
+from loading import tokenizer as tokenizers
+from training.data import DataConfig, PackedStream, load_documents
 from errors import UserError
 
 BOS, EOS = 1, 2  # prefix and suffix in the synthetic streams; document tokens are >= 10
@@ -280,7 +280,7 @@ def test_bad_input_raises_user_error(tok, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ pinned windows
-# The loader's windows on a fixed corpus, as sha256 digests taken from data.py before its token store became
+# The loader's windows on a fixed corpus, as sha256 digests taken from training/data.py before its token store became
 # memory-mapped (commit 7f54bdf): any change to reading, splitting, drawing, packing or the fingerprint shows here.
 PIN_WORDS = ("the of and to in is was that for it with as his on be at by had not are but from or have an they which "
              "one you were her all she there would their we him been has when who will more no if out so said what "
@@ -474,8 +474,8 @@ def test_bad_input_is_one_sentence_and_leaves_no_half_written_store(tok, tmp_pat
 
 RSS_SCRIPT = """
 import json, sys, numpy as np
-from data import PackedStream
-from token_store import split_documents
+from training.data import PackedStream
+from training.token_store import split_documents
 docs = split_documents(sys.argv[1], "train", 0.0)
 stream = PackedStream({"synthetic": docs}, 32768, seed=0, upsample_long=5, long_doc_tokens=8192, suffix=[0])
 for _ in range(60):

@@ -3,8 +3,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = [*ROOT.glob("*.py"), *ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("configs/*.yaml"),
-        *ROOT.glob("tests/*.py")]
+FOLDERS = [p.parent for p in ROOT.glob("*/__init__.py")]  # the support code: evaluation/, loading/, ...
+TEXT = [*ROOT.glob("*.py"), *(p for folder in FOLDERS for p in folder.glob("*.py")), *ROOT.glob("*.md"),
+        *ROOT.glob("docs/*.md"), *ROOT.glob("configs/*.yaml"), *ROOT.glob("tests/*.py")]
 MD_NAME = re.compile(r"\b([\w./-]*[A-Z][A-Z_]*\.md)\b")  # EVALUATION.md, docs/CORPUS.md
 WRITTEN_BY_US = {"STATS.md"}  # build_corpus.py writes it into the corpus it builds
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")  # [text](path) or [text](path#anchor)

@@ -12,7 +12,7 @@ import cli
 import eval as harness
 from conftest import ROOT
 from errors import UserError
-from eval_tasks import registry
+from evaluation.tasks import registry
 
 
 @pytest.fixture(scope="module")

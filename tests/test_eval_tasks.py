@@ -1,4 +1,4 @@
-"""eval_tasks.py: prompts in the official formats, fitted to the length in SmolLM2 tokens, deterministic, and scored as
+"""evaluation/: prompts in the official formats, fitted to the length in SmolLM2 tokens, deterministic, and scored as
 the originals score. Expected strings are copied by hand from the official sources named beside them; BABILong answers
 are checked by an independent solver of the facts."""
 import collections
@@ -9,12 +9,13 @@ import sys
 
 import pytest
 
-import eval_base as B
-import eval_data as D
-import eval_tasks as E
-import ruler
-import tokenizer as tk
+from conftest import ROOT
 from errors import UserError
+from evaluation import base as B
+from evaluation import ruler
+from evaluation import tasks as E
+from evaluation import texts as D
+from loading import tokenizer as tk
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 LENGTHS = [1024, 2048, 4096]
@@ -319,9 +320,10 @@ def test_samples_do_not_depend_on_the_process(tok, smollm2_gguf):
     """Seeds are strings hashed by random itself and no set order leaks out: another hash seed, the same samples."""
     prompts = ("[E.registry()[n].sample(0 if n.startswith('babilong') else 1024, i, 3, tok).prompt "
                "for n in E.registry() for i in range(8 if n.startswith('babilong') else 1)]")
-    code = f"import sys, eval_tasks as E, tokenizer; tok = tokenizer.load(sys.argv[1]); print(repr({prompts}))"
+    code = (f"import sys; from evaluation import tasks as E; from loading import tokenizer; "
+            f"tok = tokenizer.load(sys.argv[1]); print(repr({prompts}))")
     out = subprocess.run([sys.executable, "-c", code, str(smollm2_gguf)], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(E.__file__), env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
+                         cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
     assert out.strip() == repr(eval(prompts, {"E": E, "tok": tok}))
 
 

@@ -216,7 +216,7 @@ def test_placement_choices_come_from_longgen():
     """--help lists longgen.PLACEMENTS (and the sparse kinds) read from the source, without importing it."""
     assert cli.names("longgen", "PLACEMENTS") == longgen.PLACEMENTS
     assert cli.sparse_kinds() == longgen.sparse_kinds()
-    import kv_policies
+    from evaluation import kv_policies
 
     assert cli.names("kv_policies", "POLICIES") == kv_policies.POLICIES
 

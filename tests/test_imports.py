@@ -4,10 +4,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = {p.stem: p for p in ROOT.glob("*.py")}
+# Top-level modules by name, and the support folders' modules by dotted name (evaluation.tasks, loading.weights, ...).
+MODULES = {p.stem: p for p in ROOT.glob("*.py")} | {
+    f"{p.parent.name}.{p.stem}": p for init in ROOT.glob("*/__init__.py") for p in init.parent.glob("*.py")
+    if p.stem != "__init__"}
 # Entry points: run, never imported by library code (a benchmark may import another benchmark or the recipe).
-SCRIPTS = {"bench", "bench_cp", "bench_data", "bench_masks", "bench_tiles", "build_corpus", "eval", "plot_runs",
-           "train"}
+SCRIPTS = {"bench", "benchmarks.bench_cp", "benchmarks.bench_data", "benchmarks.bench_masks", "benchmarks.bench_tiles",
+           "build_corpus", "eval", "plot_runs", "train"}
 
 
 def _is_type_checking(node: ast.AST) -> bool:
@@ -20,9 +23,10 @@ def imports(source: str) -> set[str]:
     while todo:
         node = todo.pop()
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)  # from loading.weights import ...
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # from loading import weights
         todo += [child for child in ast.iter_child_nodes(node) if not _is_type_checking(child)]
     return found & MODULES.keys()
 

@@ -1,6 +1,6 @@
-"""kernels.py's fused Triton GEMVs against their PyTorch references: on a GPU (the kernels themselves, then a compiled
-decoding run with and without them), and on a CPU through Triton's interpreter when Triton is installed (the CPU
-wheel of torch comes without it, so CI skips that test; `pip install triton` runs it)."""
+"""decoding/kernels.py's fused Triton GEMVs against their PyTorch references: on a GPU (the kernels themselves, then a
+compiled decoding run with and without them), and on a CPU through Triton's interpreter when Triton is installed (the
+CPU wheel of torch comes without it, so CI skips that test; `pip install triton` runs it)."""
 import importlib.util
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import kernels
+from decoding import kernels
 from generate import compiled_decode, prefill
 from cache import Cache
 from model import RMSNorm, build, init_weights, preset
@@ -185,9 +185,10 @@ def test_compiled_decoding_with_fused_products_matches_plain_products(attn):
 
 # ------------------------------------------------------------------------------------------------ tiles per GPU
 def test_tiles_come_from_this_gpus_entry_else_the_h100_rules(tmp_path, monkeypatch):
-    """kernels.py reads its tiles from tiles.json by GPU (name and compute capability), shape by shape; a GPU or a
-    shape without an entry takes the H100 rules. bench_tiles.py merges an entry in atomically, keeping the others."""
-    import bench_tiles
+    """decoding/kernels.py reads its tiles from tiles.json by GPU (name and compute capability), shape by shape; a GPU
+    or a shape without an entry takes the H100 rules. benchmarks/bench_tiles.py merges an entry in atomically, keeping
+    the others."""
+    from benchmarks import bench_tiles
     from errors import UserError
 
     path, ours, other = tmp_path / "tiles.json", "NVIDIA Test (sm_90)", "NVIDIA Other (sm_80)"
@@ -211,7 +212,7 @@ def test_tiles_come_from_this_gpus_entry_else_the_h100_rules(tmp_path, monkeypat
         assert [p.name for p in tmp_path.iterdir()] == ["tiles.json"]  # no temporary file left
         path.write_text("{half written")
         kernels.tuned.cache_clear()
-        with pytest.raises(UserError, match="bench_tiles.py"):
+        with pytest.raises(UserError, match="benchmarks.bench_tiles"):
             kernels.gemv_tiles(4096, 4096, ours)
     finally:
         kernels.tuned.cache_clear()
@@ -250,7 +251,7 @@ def interpreted_checks() -> None:
                                    (kernels.RMSNORM, x, kernels.norm_linear_reference(x[None], norm, 1e-5, w)[0]),
                                    (kernels.SWIGLU, gate_up, kernels.gated_linear_reference(gate_up[None], w)[0])):
             for residual, tiles in ((False, (4, 64, 4, None)), (True, (4, 64, 4, None)), (True, (1, 128, 2, 1))):
-                y = kernels.launch_gemv(inp, w, norm, res, 1e-5, prologue, residual, tiles)  # as bench_tiles.py
+                y = kernels.launch_gemv(inp, w, norm, res, 1e-5, prologue, residual, tiles)  # as bench_tiles does
                 assert_within_rounding(f"prologue {prologue}, residual {residual}, {N} x {K}", y,
                                        (res + ref) if residual else ref)
     for H, G, E, K, block_p in ((3, 1, 8, 200, 1), (4, 2, 16, 64, 2)):  # K = 200: not a multiple of BLOCK_K

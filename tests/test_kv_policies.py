@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kv_policies import ScoredDecoder, attend_one, generate, received_attention, streaming_config
+from evaluation.kv_policies import ScoredDecoder, attend_one, generate, received_attention, streaming_config
 from masks import dense_mask
 from model import build, init_weights, preset, rope_angles, rope_frequencies
 

@@ -11,7 +11,7 @@ from conftest import needs_cuda
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import longgen
-import weights
+from loading import weights
 from errors import UserError
 from model import Config, RopeScaling, build, preset
 
@@ -229,16 +229,16 @@ print(sorted(ours))
 
 
 def test_model_runs_with_torch_and_masks_alone(tmp_path):
-    """model.py copied out on its own, with masks.py (the attention patterns) and errors.py (UserError) and no other
-    file of the project, builds, trains and decodes through the cache (cache.py, copied too): the fused decoding
-    kernels are installed from outside (kernels.use_fused_decoding), never imported by the model."""
+    """model.py copied out on its own, with masks.py (the attention patterns) and no other file of the project, builds
+    and trains, and decodes through the cache (cache.py, copied too): the fused decoding kernels are installed from
+    outside (decoding.kernels.use_fused_decoding), never imported by the model."""
     root = Path(__file__).resolve().parents[1]
-    for name in ("model.py", "masks.py", "errors.py", "cache.py"):
+    for name in ("model.py", "masks.py", "cache.py"):
         shutil.copy(root / name, tmp_path / name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", STANDALONE], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split("\n")[-2] == "['cache', 'errors', 'masks', 'model']"
+    assert out.stdout.split("\n")[-2] == "['cache', 'masks', 'model']"
 
 
 def test_importing_the_model_changes_no_compiler_setting():
@@ -246,7 +246,7 @@ def test_importing_the_model_changes_no_compiler_setting():
     the cache or the generation code leaves them as torch has them."""
     script = ("import torch._dynamo\n"
               "before = torch._dynamo.config.get_config_copy()\n"
-              "import cache, generate, kernels, model\n"
+              "import cache, generate, model\nfrom decoding import kernels\n"
               "after = torch._dynamo.config.get_config_copy()\n"
               "print(sorted(k for k in before if before[k] != after[k]))\n"
               "model.compile_settings()\n"

@@ -11,8 +11,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 import longgen
 import masks
 import train as train_py
-import weights
-from config import load_config
+from loading import weights
+from training.config import load_config
 from errors import UserError
 from model import build, init_weights, preset
 

@@ -25,10 +25,16 @@ def test_python_example_runs_from_another_folder(tmp_path, smollm2_gguf):
 
 
 def test_pyproject_lists_every_module():
-    """A module missing from py-modules would not be importable after `pip install -e .` from another folder."""
+    """A module missing from py-modules, or a folder from packages, would not be importable after `pip install -e .`
+    from another folder."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    listed = project["tool"]["setuptools"]["py-modules"]
-    assert sorted(listed) == sorted(p.stem for p in ROOT.glob("*.py")), "update py-modules in pyproject.toml"
+    listed = project["tool"]["setuptools"]
+    modules = sorted(p.stem for p in ROOT.glob("*.py"))
+    folders = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert sorted(listed["py-modules"]) == modules, "update py-modules in pyproject.toml"
+    assert sorted(listed["packages"]) == folders, "update packages in pyproject.toml"
+    data = [ROOT / folder / name for folder, names in listed["package-data"].items() for name in names]
+    assert data and all(path.exists() for path in data)
 
 
 def test_pyproject_dependencies_agree_with_requirements():

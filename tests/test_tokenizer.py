@@ -1,4 +1,4 @@
-"""tokenizer.py against transformers, on the default checkpoint (SmolLM2-135M-Instruct's GGUF)."""
+"""loading/tokenizer.py against transformers, on the default checkpoint (SmolLM2-135M-Instruct's GGUF)."""
 import base64
 import json
 import shutil
@@ -12,9 +12,9 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-import tokenizer
+from loading import tokenizer
 from errors import UserError
-from tokenizer import StreamDecoder
+from loading.tokenizer import StreamDecoder
 
 # Bytes with no token of their own in SmolLM2's vocabulary: six ASCII controls, the lead bytes 0xF1 and 0xF2
 # (code points U+40000-U+BFFFF), and bytes that never occur in UTF-8. tiktoken panics on them; HF drops them.

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-import tokenizer
-from tokenizer import SentencePieceTokenizer, StreamDecoder, _merges_from_scores
+from loading import tokenizer
+from loading.tokenizer import SentencePieceTokenizer, StreamDecoder, _merges_from_scores
 
 CORPUS = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a "
@@ -122,8 +122,8 @@ def test_gguf_scores_give_the_same_tokens(llama2, tmp_path):
 
 
 def test_corpus_tokenises_and_caches_with_it(llama2, tmp_path):
-    """data.py with a SentencePiece tokenizer: documents round-trip, and a second read comes from the cache."""
-    from data import DataConfig, load_documents
+    """training/data.py with a SentencePiece tokenizer: documents round-trip, and a second read comes from the cache."""
+    from training.data import DataConfig, load_documents
 
     ours, _ = llama2
     (tmp_path / "books").mkdir()

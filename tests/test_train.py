@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-import checkpoint
+from training import checkpoint
 import longgen
 import train as train_py
-from config import load_config
+from training.config import load_config
 from conftest import ROOT
 from errors import UserError, run_cli
 

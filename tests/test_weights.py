@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import longgen
-import tokenizer as tokenizers
-import weights
+from loading import tokenizer as tokenizers
+from loading import weights
 from conftest import ROOT
 from errors import UserError
 from model import Config, RopeScaling, Transformer, build, preset
@@ -160,7 +160,8 @@ def test_failed_download_is_one_sentence(tmp_path, monkeypatch):
 KILL_AT = """
 import os, signal, sys
 sys.path.insert(0, ".")
-import torch, weights
+import torch
+from loading import weights
 from model import build, preset
 target, moment = sys.argv[1], sys.argv[2]
 cfg = preset("tiny")
@@ -336,7 +337,7 @@ def test_hf_export_of_a_longgen_model_keeps_its_layout(tmp_path, smollm2_gguf):
     model with the layout made full. longgen.load reads the layout, pattern, weights and tokenizer back exactly."""
     from transformers import AutoModelForCausalLM
 
-    import tokenizer as tokenizers
+    from loading import tokenizer as tokenizers
 
     tok = tokenizers.load(smollm2_gguf)
     torch.manual_seed(0)

@@ -35,8 +35,8 @@ $PY -c "import torch, triton, bench, bench_tiles; print('torch', torch.__version
   >>"$log" 2>&1 || echo "== imports failed: see above" | tee -a "$log"
 B="$PY bench.py --parts inference --variant sink_window"
 if [[ "${1:-all}" != rest ]]; then
-  step sweep 110 $PY bench_tiles.py --budget-s 25 --json "$OUT/tiles_sweep.json"
-  cp tiles.json "$OUT/tiles.json" 2>/dev/null
+  step sweep 110 $PY -m benchmarks.bench_tiles --budget-s 25 --json "$OUT/tiles_sweep.json"
+  cp decoding/tiles.json "$OUT/tiles.json" 2>/dev/null
   step tests 130 $PY -m pytest -q tests/test_cache.py tests/test_kernels.py \
     -k "gpu or cuda or swept or compiled_decoding"
   step bench-4k 170 $B --lengths 4k --batch 1,8 --json "$OUT/h200_short.json"

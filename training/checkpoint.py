@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageIn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-import weights
+from loading import weights
 from errors import UserError
 
 LOCK_FILE = ".lock"

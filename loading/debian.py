@@ -1,5 +1,6 @@
 """Debian packages as a data source: fetched and unpacked without installing them, and the public-domain novels that
-two of them ship as R data. build_corpus.py (the training corpus) and eval_data.py (the BABILong haystacks) read them.
+two of them ship as R data. build_corpus.py (the training corpus) and evaluation/texts.py (the BABILong haystacks)
+read them.
 
 Packages are fetched with `apt-get download` into a directory and unpacked with `dpkg -x`: nothing is installed and no
 root is needed (but the package lists must be there: run `apt-get update` once if they are not).

@@ -1,7 +1,7 @@
-"""Sweep the decoding kernels' tiles on this GPU, and write the winners into tiles.json: the
-table kernels.py reads at run time, one entry per GPU model (kernels.device_key: its name and compute capability).
+"""Sweep the decoding kernels' tiles on this GPU, and write the winners into decoding/tiles.json: the table
+decoding/kernels.py reads at run time, one entry per GPU model (kernels.device_key: its name and compute capability).
 
-    python bench_tiles.py [--preset llama-2-7b] [--parts gemv,rope] [--budget-s 60] [--out tiles.json]
+    python -m benchmarks.bench_tiles [--preset llama-2-7b] [--parts gemv,rope] [--budget-s 60] [--out tiles.json]
                           [--json sweep.json]
 
 - gemv: each matrix-vector product of a batch-1 decoding step (wqkv, wo, w13, w2, output) with the prologue and
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from decoding import kernels
 from bench import elapsed_ms, measure_copy_GBps
 from errors import UserError, run_cli
 
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
         if "rope" in args.parts:
             entry["norm_qkv_rope"], report["rope"] = sweep_rope(cfg, args.budget_s, rate, log)
     entry["measured"] = dict(date=report["date"], torch=torch.__version__, triton=triton.__version__,
-                             command="python bench_tiles.py --parts " + ",".join(args.parts))
+                             command="python -m benchmarks.bench_tiles --parts " + ",".join(args.parts))
     write_entry(Path(args.out), key, entry)
     report["entry"] = entry
     if args.json:

@@ -1,14 +1,14 @@
 """Training steps on several GPUs, as train.py runs them: context parallelism (each sequence split over the ranks,
 `cp_degree`) and data parallelism, against one GPU.
 
-    torchrun --nproc_per_node=2 bench_cp.py --json cp.json [--parts cp,single,dp] [--lengths 128k,256k]
+    torchrun --nproc_per_node=2 -m benchmarks.bench_cp --json cp.json [--parts cp,single,dp] [--lengths 128k,256k]
              [--layouts full,sink_window,strided] [--exchange pattern,allgather] [--budget-s 480]
-    python bench_cp.py --table a.json b.json          # one table of several runs' rows
+    python -m benchmarks.bench_cp --table a.json b.json          # one table of several runs' rows
 
 Parts (rows run one after another, each with a fresh model and freshly compiled blocks):
 - cp: every sequence split over --cp ranks (default: all of them), at each of --lengths, for each layout (every layer
   full, or LongGen with sink_window or strided, 3 full layers of 8 as bench.py --parts train) and each exchange
-  (context_parallel.py: `pattern` fetches only the keys each sparse kind reaches, `allgather` all of them; full
+  (training/context_parallel.py: `pattern` fetches only the keys each sparse kind reaches, `allgather` all of them; full
   layers all-gather either way, so the full layout is one row);
 - single: the same layouts on one GPU (rank 0; the others wait) at --single-lengths, for cp = N against one GPU;
 - dp: SmolLM2-135M's shapes (30 layers, LongGen --dp-layout) at --dp-length, on one GPU and then data parallel over
@@ -50,15 +50,15 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 import longgen
 import train
 from bench import train_layout
-from config import load_config, parse_length
-from context_parallel import exchange_report
-from data import PackedStream
+from training.config import load_config, parse_length
+from training.context_parallel import exchange_report
+from training.data import PackedStream
 from errors import UserError, run_cli
 from model import build, compile_settings, preset
 
 PARTS = ("cp", "single", "dp")
 LAYOUTS = ("full", "sink_window", "strided")
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 DOC_LENGTHS = ROOT / "docs" / "corpus_doc_lengths.json"
 RECIPE = ROOT / "configs" / "llama2-7b-128k.yaml"  # its upsampling of long documents
 
@@ -306,8 +306,8 @@ def _run(args, rank, world, device) -> dict:
     args.dtype = "bfloat16" if device.type == "cuda" else "float32"  # bf16 matmuls crawl on CPUs
     cp = args.cp or world
     if world == 1 and set(args.parts) - {"single"}:
-        raise UserError("The cp and dp parts need several processes (torchrun --nproc_per_node=2 bench_cp.py ...); "
-                        "one process runs --parts single.")
+        raise UserError("The cp and dp parts need several processes (torchrun --nproc_per_node=2 -m "
+                        "benchmarks.bench_cp ...); one process runs --parts single.")
     if world % cp:
         raise UserError(f"--cp {cp} must divide the number of processes ({world}); change one.")
     for length in args.lengths:

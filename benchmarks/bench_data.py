@@ -1,7 +1,7 @@
 """The data pipeline at the paper's scale, on a CPU (BENCHMARKS.md, "Data"): tokenising throughput, loader throughput
 at 32K, one rank's resident memory against the corpus size, and the time to resume mid-epoch.
 
-    python bench_data.py --sources data/corpus/books data/corpus/python-docs data/corpus/linux-docs \\
+    python -m benchmarks.bench_data --sources data/corpus/books data/corpus/python-docs data/corpus/linux-docs \\
         --copies 1,9,89 --work /tmp/bench-data
 
 The corpus is the given sources' .txt/.md files repeated: corpus n holds n copies of each source, and every copy of a
@@ -68,9 +68,9 @@ def make_corpora(sources: list[Path], copies: list[int], root: Path) -> dict[int
 
 def stream(paths: list[str], cache_dir: str, windows: int, world_size: int) -> dict:
     """As one training rank (rank 0 of world_size): open the corpus, stream `windows` windows; memory and speed."""
-    import tokenizer
-    import weights
-    from data import DataConfig, PackedStream, load_documents
+    from loading import tokenizer
+    from loading import weights
+    from training.data import DataConfig, PackedStream, load_documents
 
     tok = tokenizer.load(weights.default_checkpoint())
     before = memory()
@@ -97,9 +97,9 @@ def stream(paths: list[str], cache_dir: str, windows: int, world_size: int) -> d
 
 def resume(paths: list[str], cache_dir: str) -> dict:
     """A fresh rank resuming at the middle of epoch 0: open, build the stream, load the state, first batch."""
-    import tokenizer
-    import weights
-    from data import DataConfig, PackedStream, load_documents
+    from loading import tokenizer
+    from loading import weights
+    from training.data import DataConfig, PackedStream, load_documents
 
     tok = tokenizer.load(weights.default_checkpoint())
     t0 = time.perf_counter()
@@ -116,8 +116,8 @@ def resume(paths: list[str], cache_dir: str) -> dict:
 
 
 def in_fresh_process(mode: str, **kwargs) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(dict(mode=mode, **kwargs))],
-                          capture_output=True, text=True, cwd=Path(__file__).parent)
+    child = [sys.executable, "-m", "benchmarks.bench_data", "--child", json.dumps(dict(mode=mode, **kwargs))]
+    done = subprocess.run(child, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -140,10 +140,10 @@ def main(argv=None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
 
-    import tokenizer
-    import weights
-    from data import DataConfig, load_documents
-    from token_store import _content, _sources
+    from loading import tokenizer
+    from loading import weights
+    from training.data import DataConfig, load_documents
+    from training.token_store import _content, _sources
 
     copies = sorted(int(c) for c in args.copies.split(","))
     cache_dir = str(args.work / "cache")

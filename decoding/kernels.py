@@ -22,7 +22,7 @@ included: the tests compare the kernel with it on a GPU.
 One program computes BLOCK_N output rows: it walks along K in BLOCK_K steps, multiplies a (BLOCK_N, BLOCK_K) tile of W
 by the input's slice in fp32, and sums once at the end. RMSNorm's scale needs all of x first: each program reads x once
 for it (K values from L2, next to the N x K weight bytes it streams). Tile sizes are fixed per shape and per GPU
-(`gemv_tiles`: from tiles.json where bench_tiles.py swept this GPU, else rules swept on an H100).
+(`gemv_tiles`: from tiles.json where benchmarks/bench_tiles.py swept this GPU, else rules swept on an H100).
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ if triton is not None:
 
     def launch_gemv(x, weight, norm_weight, residual, eps, prologue, use_residual, tiles, wrap=lambda kernel: kernel):
         """_gemv_kernel with these tiles (rows per program, K step, warps, stages or None for Triton's default):
-        the op above, and bench_tiles.py's sweep."""
+        the op above, and benchmarks/bench_tiles.py's sweep."""
         N, K = weight.shape
         x, weight, norm_weight, residual = (t.contiguous() for t in (x, weight, norm_weight, residual))
         y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
@@ -217,7 +217,7 @@ if triton is not None:
     def launch_norm_qkv_rope(x, weight, norm_weight, eps, cos, sin, pos, k_cache, v_cache, slots, n_heads, tiles,
                              wrap=lambda kernel: kernel):
         """_qkv_rope_kernel with these tiles (row pairs per program, K step, warps, stages): the op above, and
-        bench_tiles.py's sweep."""
+        benchmarks/bench_tiles.py's sweep."""
         _, G, C, E = k_cache.shape
         K = weight.shape[1]
         q = torch.empty((1, n_heads, 1, E), device=x.device, dtype=x.dtype)
@@ -230,8 +230,8 @@ if triton is not None:
 
 # ------------------------------------------------------------------------------------------------ tiles per GPU
 # The kernels' tiles, and flex's kernel options for a sparse layer's first prefill chunk, come from tiles.json: one
-# entry per GPU model, written by bench_tiles.py's sweep on that GPU and read here at run time. A GPU without an entry
-# (and a shape without one) takes the rules below, the winners of a sweep on an H100.
+# entry per GPU model, written by benchmarks/bench_tiles.py's sweep on that GPU and read here at run time. A GPU
+# without an entry (and a shape without one) takes the rules below, the winners of a sweep on an H100.
 TILES_PATH = Path(__file__).with_name("tiles.json")
 
 
@@ -252,7 +252,8 @@ def tuned(key: str) -> dict:
     try:
         return json.loads(TILES_PATH.read_text()).get(key, {})
     except json.JSONDecodeError:
-        raise UserError(f"{TILES_PATH} is not valid JSON; restore it from git or run bench_tiles.py again.") from None
+        raise UserError(f"{TILES_PATH} is not valid JSON; restore it from git or run `python -m "
+                        "benchmarks.bench_tiles` again.") from None
 
 
 def _next_power_of_2(n: int) -> int:

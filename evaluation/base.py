@@ -1,6 +1,6 @@
 """What every evaluation task is built on: `Task` (a prompt that fits a length, and a score), `Sample`, and the text
 pieces the tasks share (the noise line, sentences, repeating text, and fitting a prompt to a token budget by search).
-The tasks themselves are in eval_tasks.py (passkey, niah and the registry), ruler.py and babilong.py."""
+The tasks themselves are in tasks.py (passkey, niah and the registry), ruler.py and babilong.py."""
 from __future__ import annotations
 
 import random

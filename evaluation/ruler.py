@@ -1,6 +1,6 @@
 """RULER's synthetic tasks (NVIDIA/RULER: scripts/synthetic.yaml, scripts/data/synthetic/{constants,niah,
 variable_tracking,common_words_extraction,freq_words_extraction}.py, scripts/eval/synthetic/constants.py),
-generated offline on eval_base.py's pieces. The QA tasks need SQuAD and HotpotQA, which cannot be had offline:
+generated offline on base.py's pieces. The QA tasks need SQuAD and HotpotQA, which cannot be had offline:
 they are left out."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import re
 import string
 import uuid
 
-from eval_base import NOISE, Task, fit, sentences
-from eval_data import paul_graham_essays, wonderwords
+from evaluation.base import NOISE, Task, fit, sentences
+from evaluation.texts import paul_graham_essays, wonderwords
 
 
 # ------------------------------------------------------------------------------------------------ RULER

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from errors import UserError
 
 if TYPE_CHECKING:
-    from data import DataConfig
+    from training.data import DataConfig
 
 FORMATS = (".txt", ".md", ".jsonl", ".json", ".parquet")
 CACHE_VERSION = 2  # bump when what a store holds, or how text becomes tokens, changes

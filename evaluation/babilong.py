@@ -1,14 +1,14 @@
 """BABILong qa1-qa5 (booydar/babilong: babilong/prompts.py, babilong/metrics.py, babilong/babilong_utils.py,
 data/create_tasks.py): simulated bAbI facts hidden in public-domain novels, generated offline on
-eval_base.py's pieces."""
+base.py's pieces."""
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 
 from errors import UserError
-from eval_base import Task, sentences
-from eval_data import books
+from evaluation.base import Task, sentences
+from evaluation.texts import books
 
 
 # ------------------------------------------------------------------------------------------------ BABILong
