@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -76,10 +77,10 @@ class Calibration:
 
 
 # ------------------------------------------------------------------------------------------------ the probe
-def reach(cfg, sparse: str) -> int:
-    """Tokens a sparse layer of this kind is sure to see behind a query: sinks plus window, or the local blocks."""
-    p = cfg.pattern_params
-    return p["n_sink"] + p["window"] if sparse == "sink_window" else p["block"] * p["local_blocks"]
+def reach(cfg, sparse: str) -> float:
+    """Tokens a sparse layer of this kind is sure to see behind a query (masks.Pattern.reach: sinks plus window, or
+    the local blocks)."""
+    return cfg.pattern(sparse).reach()
 
 
 def probe_windows(docs: list[np.ndarray], probe: Probe, length: int, reach_tokens: int,
@@ -155,7 +156,10 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
         raise UserError(f"n_full={n_full} must be a whole number of layers from 1 to {L}.")
     if probe.samples < 1 or probe.batch_size < 1:
         raise UserError("The probe needs at least one sample and a batch size of at least 1.")
-    back, n_sink = reach(cfg, sparse), cfg.pattern_params["n_sink"] if sparse == "sink_window" else 0
+    if reach(cfg, sparse) == math.inf:
+        raise UserError(f"This {sparse} pattern sees every earlier token (it is full attention): nothing to calibrate; "
+                        "give it a smaller reach.")
+    back, n_sink = int(reach(cfg, sparse)), getattr(cfg.pattern(sparse), "n_sink", 0)  # its sink tokens, if any
     tiles = -(-(3 * back + 2 * probe.span - 1) // 128)  # the inputs (length - 1 tokens) in whole 128-token tiles
     length = probe.length or min(128 * tiles + 1, cfg.max_seq_len)
     if length > cfg.max_seq_len:

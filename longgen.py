@@ -15,7 +15,7 @@ import torch
 from loading import tokenizer
 from loading import weights
 from errors import UserError
-from masks import PATTERNS, parameters
+from masks import PATTERNS
 from model import Config, Transformer, build
 
 PLACEMENTS = ("middle", "top", "bottom", "interleave", "calibrated")
@@ -72,9 +72,6 @@ def convert(model_or_config: Transformer | Config, *, sparse: str = "sink_window
     block, local_blocks, stride) and mask_block.
     placement="calibrated" keeps `full_layers` full (calibrate.py picks them). The weights are unchanged: the sparse
     layers learn to live with their pattern during training."""
-    allowed = {*parameters(), "mask_block"}
-    if set(pattern) - allowed:
-        raise UserError(f"Unknown pattern settings {sorted(set(pattern) - allowed)}; valid ones: {sorted(allowed)}.")
     mask_block = pattern.pop("mask_block", None)
     return _with_config(model_or_config, lambda cfg: replace(
         cfg.with_pattern(**pattern), layer_kinds=longgen_layout(cfg.n_layers, full_fraction, placement, sparse,

@@ -187,6 +187,23 @@ def parameters() -> dict[str, int]:
     return {f.name: f.default for cls in PATTERNS.values() for f in fields(cls)}
 
 
+def check_parameters(params: dict, prefix: str = "") -> dict[str, int]:
+    """`params` with the defaults of every registered pattern filled in, or a ValueError naming the first unknown or
+    invalid one, written as `prefix` + its name (each pattern checks its own fields). model.Config and train.py's
+    config (prefix "pattern.") both check through here."""
+    defaults = parameters()
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown pattern parameter {prefix}{unknown[0]}; valid ones: {', '.join(defaults)}")
+    params = {**defaults, **params}
+    for kind in PATTERNS:
+        try:
+            make_pattern(kind, **params)
+        except ValueError as e:
+            raise ValueError(f"{prefix}{e}") from None
+    return params
+
+
 def make_pattern(kind: str, **params) -> Pattern:
     """The pattern `kind` with its parameters taken from `params` (other patterns' parameters are ignored, missing
     ones take their defaults)."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
-from masks import PATTERNS, Pattern, block_mask, dense_mask, document_starts, make_pattern, parameters
+from masks import PATTERNS, Pattern, block_mask, dense_mask, check_parameters, document_starts, make_pattern
 
 try:  # the project's one-sentence mistakes, printed without a traceback by its command-line tools
     from errors import UserError
@@ -70,16 +70,10 @@ class Config:
         if self.mask_block % 128:
             raise UserError(f"mask_block={self.mask_block} must be a multiple of 128: FlexAttention's backward "
                             "kernel (torch 2.11-2.13) has no smaller tiles.")
-        defaults = parameters()
-        if set(self.pattern_params) - set(defaults):
-            raise UserError(f"Unknown pattern parameters {sorted(set(self.pattern_params) - set(defaults))}; valid "
-                            f"ones: {', '.join(defaults)}.")
-        set_("pattern_params", {**defaults, **self.pattern_params})
-        for kind in PATTERNS:  # every pattern's parameters are checked, used here or not
-            try:
-                self.pattern(kind)
-            except ValueError as e:
-                raise UserError(f"Config value {e}.") from None
+        try:  # every pattern's parameters, used here or not
+            set_("pattern_params", check_parameters(self.pattern_params))
+        except ValueError as e:
+            raise UserError(f"Config: {e}.") from None
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}.")
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:

@@ -110,16 +110,10 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self):
-        known = masks.parameters()
-        for key, value in self.pattern.items():
-            if key not in known:
-                raise UserError(f"Unknown config key pattern.{key}; valid keys are: {', '.join(known)}.")
-        for kind in masks.PATTERNS:
-            try:
-                masks.make_pattern(kind, **self.pattern)
-            except ValueError as e:
-                raise UserError(f"Bad config: pattern values must be positive integers (some may be 0): "
-                                f"pattern.{e}.") from None
+        try:
+            masks.check_parameters(self.pattern, prefix="pattern.")
+        except ValueError as e:
+            raise UserError(f"Bad config: {e}.") from None
         checks = [(self.baseline in ("longgen", "full"), "baseline must be longgen or full"),
                   (self.schedule in ("constant", "cosine"), "schedule must be constant or cosine"),
                   (self.dtype in ("bfloat16", "float32"), "dtype must be bfloat16 or float32"),

@@ -117,6 +117,13 @@ def test_bad_values_are_one_sentence(kw, message):
         calibrate.calibrate(copying_model(), docs(), **kw)
 
 
+def test_a_pattern_that_sees_everything_has_nothing_to_calibrate():
+    model = copying_model()
+    model.cfg = model.cfg.with_pattern(stride=1)  # strided with every block kept: causal attention
+    with pytest.raises(UserError, match="sees every earlier token"):
+        calibrate.calibrate(model, docs(), n_full=1, sparse="strided")
+
+
 def test_a_short_context_puts_the_first_copy_just_past_the_sinks():
     """Llama-2 (4K) against sink 64 + window 2,048: no room for the first copy a window away from both ends."""
     windows, second = calibrate.probe_windows(docs(n=2), calibrate.Probe(samples=20, span=8, cue=2), 80, 28, n_sink=4)

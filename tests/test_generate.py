@@ -1,6 +1,7 @@
 """generate.py: the README command, the Python API on the same path as the command line, sampling, and one clear
 sentence for each user mistake."""
 import argparse
+import dataclasses
 import re
 import runpy
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import cli
 import generate as gen
 import longgen
+import masks
 from conftest import ROOT
 from errors import UserError
 from generate import sample
@@ -191,6 +193,14 @@ def test_layout_options_reach_the_model():
     cli.apply_layout(model, layout_args("--layout", "longgen", "--window", "32", "--sinks", "0"))
     assert model.cfg.layer_kinds == ("sink_window",) * 2 + ("full",) * 2 + ("sink_window",) * 2
     assert (model.cfg.pattern_params["window"], model.cfg.pattern_params["n_sink"]) == (32, 0)
+
+
+def test_pattern_flags_are_the_declared_parameters():
+    """cli.PATTERN_OPTIONS is written out (so that checking the options needs no torch): each flag must name a parameter
+    that masks.py declares, for the kind that declares it, with its minimum."""
+    for flag, (_, name, kind, least) in cli.PATTERN_OPTIONS.items():
+        [declared] = [f for f in dataclasses.fields(masks.PATTERNS[kind]) if f.name == name]
+        assert declared.metadata.get("min", 1) == least, flag
 
 
 def test_calibrated_layers_from_the_command_line():

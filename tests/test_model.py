@@ -169,7 +169,7 @@ def test_flex_on_gpu_equals_dense_fallback(sparse):
 @pytest.mark.parametrize("bad, message", [
     (dict(pattern_params=dict(window=-1)), "window"),
     (dict(pattern_params=dict(stride=0)), "stride"),
-    (dict(pattern_params=dict(windw=8)), "Unknown pattern parameters"),
+    (dict(pattern_params=dict(windw=8)), "unknown pattern parameter windw"),
     (dict(n_heads=4, n_kv_heads=3), "divisible"),
     (dict(layer_kinds=("full", "nope")), "layer_kinds"),
     (dict(rope_scaling=RopeScaling("yarn", 2.0)), "rope"),

@@ -184,8 +184,8 @@ def test_pattern_keys_reach_the_converted_model():
     ("lr=fast", "lr must be float"),
     ("data.pathz=[x]", "Unknown config key data.pathz"),
     ("baseline=half", "baseline must be longgen or full"),
-    ("pattern.window=0", "pattern values must be positive integers"),
-    ("pattern.windw=8", "Unknown config key pattern.windw"),
+    ("pattern.window=0", "pattern.window=0 must be an integer of at least 1"),
+    ("pattern.windw=8", "unknown pattern parameter pattern.windw"),
 ])
 def test_bad_config_is_one_sentence(override, message, capsys, monkeypatch):
     """In this process, through errors.run_cli as `python train.py` runs main (the command line itself, status 2 and
