@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 from training import token_store
-from loading import tokenizer as tokenizers
+from loading import tokenizer
 from training.data import DataConfig, PackedStream, load_documents
 from errors import UserError
 
@@ -21,7 +21,7 @@ BOS, EOS = 1, 2  # prefix and suffix in the synthetic streams; document tokens a
 
 @pytest.fixture(scope="module")
 def tok(smollm2_gguf):
-    return tokenizers.load(smollm2_gguf)
+    return tokenizer.load(smollm2_gguf)
 
 
 def synthetic(lengths_by_source: dict[str, list[int]]) -> dict[str, list[np.ndarray]]:
@@ -231,7 +231,7 @@ def test_cache_is_used_and_invalidated(tok, tmp_path):
     (root / "books" / "a.txt").write_text("A new beginning.")
     changed = load_documents(cfg, counting := Counting(tok))
     assert counting.calls == 2 and tok.decode(changed["books"][0]) == "A new beginning."  # books again, code not
-    other = tokenizers.Tokenizer(tok._ranks, {}, tokenizers.GPT2)  # another tokenizer: its own cache entries
+    other = tokenizer.Tokenizer(tok._ranks, {}, tokenizer.GPT2)  # another tokenizer: its own cache entries
     load_documents(cfg, counting := Counting(other))
     assert counting.calls == 5
 

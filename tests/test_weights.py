@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import longgen
-from loading import tokenizer as tokenizers
+from loading import tokenizer
 from loading import weights
 from conftest import ROOT
 from errors import UserError
@@ -281,7 +281,7 @@ def test_own_checkpoint_with_a_wrong_shape(tmp_path):
 def test_a_vocabulary_smaller_than_the_tokenizers(tmp_path):
     """It failed with an IndexError at the first token."""
     cfg = preset("tiny")  # 512 rows
-    tok = tokenizers.Tokenizer({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 600}, tokenizers.GPT2)
+    tok = tokenizer.Tokenizer({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 600}, tokenizer.GPT2)
     weights.save_checkpoint(tmp_path / "ckpt", cfg, build(cfg).state_dict(), tok)
     with pytest.raises(UserError, match="has 601 tokens but the weights only 512; .* use the tokenizer that came"):
         longgen.load(tmp_path / "ckpt")
@@ -337,9 +337,9 @@ def test_hf_export_of_a_longgen_model_keeps_its_layout(tmp_path, smollm2_gguf):
     model with the layout made full. longgen.load reads the layout, pattern, weights and tokenizer back exactly."""
     from transformers import AutoModelForCausalLM
 
-    from loading import tokenizer as tokenizers
+    from loading import tokenizer
 
-    tok = tokenizers.load(smollm2_gguf)
+    tok = tokenizer.load(smollm2_gguf)
     torch.manual_seed(0)
     cfg = longgen.convert(preset("tiny", vocab_size=tok.n_vocab), sparse="strided", rope_theta=40000.0, window=40,
                           stride=8, local_blocks=2, block=8)

@@ -40,7 +40,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from errors import UserError
-from masks import Pattern, document, document_blocks, document_ends, document_starts, from_block_grid
+from masks import (Pattern, document, document_blocks, document_ends, document_starts, from_block_grid,
+                   whole_tiles)
 from model import Transformer, masked_attention
 
 
@@ -157,7 +158,7 @@ def cp_mask(pattern: Pattern, q_pos_T: Tensor, k_pos_K: Tensor, doc_ids_BS: Tens
         any_, all_ = document_blocks(pattern, doc_ids_BS, q_lo, q_hi, k_lo, k_hi)  # (B, NQ, NK)
     if k_real_K is not None:  # a tile with padding keys is never full (full tiles skip the mask_mod)
         k_cut = k_cut | ~_tile_ranges(k_real_K.to(torch.int8), block_size)[0].bool()
-    all_ = all_ & ~q_cut[:, None] & ~k_cut[None, :]
+    all_ = all_ & whole_tiles(q_cut, k_cut)
     return from_block_grid(any_, all_, remapped, len(q_pos_T), len(k_pos_K), (block_size, block_size))
 
 
