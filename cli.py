@@ -30,9 +30,10 @@ PATTERN_OPTIONS = {"--window": ("window", "window", "sink_window", 1), "--sinks"
 
 def names(module: str, attr: str) -> tuple[str, ...]:
     """`module.attr`, a tuple of names, read from the module's source when it assigns a literal, so that listing the
-    choices in --help does not import the module (and torch with it); otherwise imported."""
+    choices in --help does not import the module (and torch with it); otherwise imported. `module` may be dotted
+    (evaluation.kv_policies)."""
     try:
-        tree = ast.parse((HERE / f"{module}.py").read_text(encoding="utf-8"))
+        tree = ast.parse((HERE / f"{module.replace('.', '/')}.py").read_text(encoding="utf-8"))
         for node in tree.body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == attr for t in node.targets):
                 return tuple(ast.literal_eval(node.value))

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--depths", type=int, default=5, help="needle depths for passkey and niah, an even grid "
                                                          "(default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
-    p.add_argument("--kv-policy", choices=cli.names("kv_policies", "POLICIES"), default="none",
+    p.add_argument("--kv-policy", choices=cli.names("evaluation.kv_policies", "POLICIES"), default="none",
                    help="post-hoc KV reduction, applied to a full-attention model (default none)")
     p.add_argument("--kv-budget", type=int, help="with --kv-policy: tokens kept per layer and head (default: the "
                                                  "model's sink + window, 2,112 as LongGen's)")

@@ -228,7 +228,7 @@ def test_placement_choices_come_from_longgen():
     assert cli.sparse_kinds() == longgen.sparse_kinds()
     from evaluation import kv_policies
 
-    assert cli.names("kv_policies", "POLICIES") == kv_policies.POLICIES
+    assert cli.names("evaluation.kv_policies", "POLICIES") == kv_policies.POLICIES
 
 
 def test_untrained_conversion_warns_once(capsys):
