@@ -31,7 +31,7 @@ step() {  # step NAME CAP_S COMMAND...: run with the smaller of CAP_S and the ti
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$log" 2>&1
-$PY -c "import torch, triton, bench, bench_tiles; print('torch', torch.__version__, 'triton', triton.__version__)" \
+$PY -c "import torch, triton, bench; from benchmarks import bench_tiles; print('torch', torch.__version__, 'triton', triton.__version__)" \
   >>"$log" 2>&1 || echo "== imports failed: see above" | tee -a "$log"
 B="$PY bench.py --parts inference --variant sink_window"
 if [[ "${1:-all}" != rest ]]; then
