@@ -92,6 +92,18 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
                                               "checkpoint's, 64)")
     g.add_argument("--local-blocks", type=int, help="strided: recent blocks each query sees, its own included "
                                                     "(default: the checkpoint's, 16)")
+    g.add_argument("--pattern", type=pattern_setting, action="append", metavar="NAME=VALUE",
+                   help="any parameter a pattern in masks.py declares, e.g. --pattern block=128 (repeatable): also "
+                        "those of a pattern added there")
+
+
+def pattern_setting(text: str) -> tuple[str, int]:
+    """--pattern window=4096 -> ("window", 4096); the name is checked against the patterns when the model is built."""
+    name, _, value = text.partition("=")
+    try:
+        return name.strip(), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with a whole number, e.g. window=4096") from None
 
 
 def layer_list(text: str) -> list[int]:
@@ -119,7 +131,7 @@ def check_model_args(args) -> None:
 def check_layout_args(args) -> None:
     """Refuse a layout option that would have no effect, and values out of range, each in one sentence."""
     options = {"--sparse": "sparse", "--placement": "placement", "--full-fraction": "full_fraction",
-               "--full-layers": "full_layers",
+               "--full-layers": "full_layers", "--pattern": "pattern",
                **{flag: attr for flag, (attr, *_) in PATTERN_OPTIONS.items()}}
     given = [flag for flag, attr in options.items() if getattr(args, attr) is not None]
     if given and args.layout != "longgen":
@@ -131,6 +143,11 @@ def check_layout_args(args) -> None:
             raise UserError(f"{flag} shapes the {kind} pattern, not {sparse}; add --sparse {kind} or drop {flag}.")
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least} (got {value}).")
+    named = [name for name, _ in args.pattern or []] + [field for attr, field, _, _ in PATTERN_OPTIONS.values()
+                                                        if getattr(args, attr) is not None]
+    if len(set(named)) < len(named):
+        twice = next(name for name in named if named.count(name) > 1)
+        raise UserError(f"The pattern parameter {twice} is given twice (by --pattern or its own option); give it once.")
     if (args.placement == "calibrated") != (args.full_layers is not None):
         raise UserError("--placement calibrated and --full-layers go together: the layers to keep full come from "
                         "calibrate.py (for SmolLM2-135M: --full-layers 5,6,7,14,17,18,20,21,23,24).")
@@ -182,7 +199,7 @@ def apply_layout(model, args) -> None:
     elif args.layout == "longgen":
         before = model.cfg
         pattern = {field: getattr(args, attr) for attr, field, _, _ in PATTERN_OPTIONS.values()
-                   if getattr(args, attr) is not None}
+                   if getattr(args, attr) is not None} | dict(args.pattern or [])
         longgen.convert(model, sparse=args.sparse or "sink_window", placement=args.placement or "middle",
                         full_fraction=1 / 3 if args.full_fraction is None else args.full_fraction,
                         full_layers=args.full_layers, **pattern)

@@ -195,6 +195,19 @@ def test_layout_options_reach_the_model():
     assert (model.cfg.pattern_params["window"], model.cfg.pattern_params["n_sink"]) == (32, 0)
 
 
+def test_any_declared_pattern_parameter_from_the_command_line():
+    model = tiny_model()
+    cli.apply_layout(model, layout_args("--layout", "longgen", "--sparse", "strided", "--pattern", "block=32",
+                                        "--pattern", "stride=2"))
+    assert (model.cfg.pattern_params["block"], model.cfg.pattern_params["stride"]) == (32, 2)
+    with pytest.raises(UserError, match="unknown pattern parameter blok"):
+        cli.apply_layout(tiny_model(), layout_args("--layout", "longgen", "--pattern", "blok=32"))
+    with pytest.raises(UserError, match="window is given twice"):
+        layout_args("--layout", "longgen", "--window", "8", "--pattern", "window=16")
+    with pytest.raises(UserError, match="--pattern applies only with --layout longgen"):
+        layout_args("--pattern", "window=16")
+
+
 def test_pattern_flags_are_the_declared_parameters():
     """cli.PATTERN_OPTIONS is written out (so that checking the options needs no torch): each flag must name a parameter
     that masks.py declares, for the kind that declares it, with its minimum."""
