@@ -297,19 +297,20 @@ def _merge_ranks(vocab: dict[str, int], merges: Iterable[tuple[str, str]], sourc
     return ranks
 
 
-def from_gguf(path_or_reader: str | Path | gguf.GGUFReader) -> BaseTokenizer:  # noqa: F821 (imported below)
-    """The tokenizer in a GGUF file's `tokenizer.*` metadata (byte-level BPE: `tokenizer.ggml.model` "gpt2"). gguf is
-    imported here: the benchmarks import this module on machines without it."""
-    import gguf
+def from_gguf(path_or_file) -> BaseTokenizer:
+    """The tokenizer in a GGUF file's `tokenizer.*` metadata (byte-level BPE: `tokenizer.ggml.model` "gpt2"), from its
+    path or its `loading.gguf_file.GGUFFile`. gguf is imported only here: the benchmarks import this module on machines
+    without it."""
+    from loading.gguf_file import GGUFError, GGUFFile
 
-    if isinstance(path_or_reader, gguf.GGUFReader):
-        reader, source = path_or_reader, Path(path_or_reader.data.filename)
+    if isinstance(path_or_file, GGUFFile):
+        gguf_file = path_or_file
     else:
         try:
-            reader = gguf.GGUFReader(source := _existing(path_or_reader))
-        except (OSError, ValueError) as e:
-            raise UserError(f"Could not read {source} as GGUF ({e}); re-download or re-convert it.") from None
-    get = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
+            gguf_file = GGUFFile(_existing(path_or_file))
+        except (OSError, GGUFError) as e:
+            raise UserError(f"Could not read {path_or_file} as GGUF ({e}); re-download or re-convert it.") from None
+    source, get = gguf_file.path, gguf_file.metadata.get
     if get("tokenizer.ggml.model") is None or get("tokenizer.ggml.tokens") is None:
         raise UserError(f"{source} holds no tokenizer (its tokenizer.ggml.model and tokenizer.ggml.tokens keys are "
                         "missing); convert the model again with llama.cpp's convert_hf_to_gguf.py, which writes them.")

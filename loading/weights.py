@@ -18,7 +18,6 @@ import zipfile
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -143,26 +142,21 @@ def check_weights(cfg: Config, state_dict: dict[str, torch.Tensor], source, fuse
 
 
 def open_gguf(path):
-    """Parse a GGUF file's header (about 2 s for SmolLM2's 49K-token vocabulary: share the reader). gguf is imported
-    here, not at the top: the benchmarks import this module and run on machines without it."""
-    from gguf import GGUFReader
+    """Parse a GGUF file's header (share the result between the weights and the tokenizer). gguf is imported only
+    here: the benchmarks import this module and run on machines without it."""
+    from loading.gguf_file import GGUFError, GGUFFile
 
     try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader raises many kinds of errors on a damaged file
-        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}); download it again.") from e
+        return GGUFFile(path)
+    except GGUFError as e:
+        raise UserError(f"{path} is not a readable GGUF file ({e}); download it again.") from None
 
 
-def read_gguf(path_or_reader) -> tuple[Config, dict[str, torch.Tensor]]:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+def read_gguf(path_or_file) -> tuple[Config, dict[str, torch.Tensor]]:
+    from loading.gguf_file import GGUFFile, dequantize
 
-    reader = path_or_reader if isinstance(path_or_reader, GGUFReader) else open_gguf(path_or_reader)
-    path = reader.data.filename
-    try:
-        meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
-    except Exception as e:
-        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}); download it again.") from e
+    gguf_file = path_or_file if isinstance(path_or_file, GGUFFile) else open_gguf(path_or_file)
+    path, meta = gguf_file.path, gguf_file.metadata
     if meta.get("general.architecture") != "llama":
         raise UserError(f"{path} holds a {meta.get('general.architecture')!r} model; only Llama GGUF files are "
                         "supported.")
@@ -172,7 +166,7 @@ def read_gguf(path_or_reader) -> tuple[Config, dict[str, torch.Tensor]]:
             raise UserError(f"{path} lacks the GGUF key {key}; convert the model again with llama.cpp's "
                             "convert_hf_to_gguf.py.")
         return meta[key]
-    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    shapes = {t.name: t.shape for t in gguf_file.tensors}
     if "token_embd.weight" not in shapes:
         raise UserError(f"{path} lacks the tensor token_embd.weight; the file is incomplete: download it again.")
     cfg = Config(
@@ -184,15 +178,14 @@ def read_gguf(path_or_reader) -> tuple[Config, dict[str, torch.Tensor]]:
         tie_embeddings="output.weight" not in shapes,
         rope_scaling=_gguf_rope_scaling(meta))
     state_dict = {}
-    for t in reader.tensors:
+    for t in gguf_file.tensors:
         if t.name == "rope_freqs.weight":  # llama3 scaling factors, derived from the metadata instead
             continue
         part, _, rest = t.name.partition(".")
         kind = rest.split(".")[1] if part == "blk" and rest.count(".") >= 2 else None
         if kind not in GGUF_NAMES and part not in ("token_embd", "output_norm", "output"):
             raise UserError(f"{path} holds the tensor {t.name}, which is no part of a Llama; use a Llama GGUF file.")
-        w = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type)).reshape(
-            tuple(int(n) for n in reversed(t.shape))).astype(np.float32))
+        w = torch.from_numpy(dequantize(t))
         part, _, rest = t.name.partition(".")
         if part == "blk":
             layer, kind, _ = rest.split(".", 2)

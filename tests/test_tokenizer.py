@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from loading import tokenizer
+from loading.gguf_file import GGUFFile
 from errors import UserError
 from loading.tokenizer import StreamDecoder
 
@@ -216,9 +217,9 @@ def _tiny_gguf(path, model="gpt2", pre="gpt-2"):
     return path
 
 
-def test_gguf_add_bos_and_reader(tmp_path):
+def test_gguf_add_bos_and_parsed_file(tmp_path):
     path = _tiny_gguf(tmp_path / "tiny.gguf")
-    for tok in (tokenizer.load(path), tokenizer.from_gguf(gguf.GGUFReader(path))):
+    for tok in (tokenizer.load(path), tokenizer.from_gguf(GGUFFile(path))):
         assert tok.add_bos and tok.encode(" the") == [258, 256, 257] and tok.encode(" the", add_bos=False) == [256, 257]
 
 
