@@ -7,7 +7,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from errors import UserError
 from loading import weights
-from loading.gguf_file import GGUFError, GGUFFile, dequantize
+from loading.gguf_file import WHOLE, GGUFError, GGUFFile, dequantize
 
 
 def same_as_gguf_py(path):
@@ -53,7 +53,7 @@ def test_every_value_type_and_tensor_type(tmp_path):
     writer.add_tensor("f32", rng.standard_normal((3, 5)).astype(np.float32))
     writer.add_tensor("f16", rng.standard_normal((7,)).astype(np.float16))
     from gguf.quants import quantize
-    for kind in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1):
+    for kind in map(GGMLQuantizationType.__getitem__, WHOLE):  # each decoded whole, not by gguf-py's dequantize
         raw = quantize(rng.standard_normal((4, 64)).astype(np.float32), kind)
         writer.add_tensor(kind.name, raw, raw_shape=raw.shape, raw_dtype=kind)
     writer.write_header_to_file()
@@ -62,7 +62,7 @@ def test_every_value_type_and_tensor_type(tmp_path):
     writer.close()
     same_as_gguf_py(path)
     assert GGUFFile(path).metadata["t.str"] == "naïve — ünïcödé ✓"
-    assert [t.shape for t in GGUFFile(path).tensors] == [(3, 5), (7,), (4, 64), (4, 64)]
+    assert [t.shape for t in GGUFFile(path).tensors] == [(3, 5), (7,)] + [(4, 64)] * len(WHOLE)
 
 
 @pytest.mark.parametrize("data, says", [(b"", "empty"), (b"GGUF\x01\x00\x00\x00" + bytes(16), "version 1"),
