@@ -37,7 +37,7 @@ import longgen
 import train
 from cache import Cache
 from training.config import parse_length
-from errors import UserError, run_cli
+from errors import UserError, run_cli, write_atomic
 from generate import compiled_decode, decode_one, prefill
 from masks import block_mask
 from model import RMSNorm, build, compile_settings, preset
@@ -402,8 +402,7 @@ def run(args) -> dict:
         report[part].append(row)
         print(part, row, flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+            write_atomic(args.json, json.dumps(report, indent=1))
 
     longest = max(args.lengths + args.train_lengths + args.hf_lengths) + args.new_tokens + 1
     base = preset(args.preset, max_seq_len=longest, **({"n_layers": args.layers} if args.layers else {}))

@@ -1,7 +1,10 @@
 """A user's mistake as one sentence that names the fix: `UserError`, how the command-line tools print it (`run_cli`),
-and reading a JSON file a user hands us (`read_json`), whose every failure is such a sentence."""
+reading a JSON file a user hands us (`read_json`), whose every failure is such a sentence, and writing a file whole or
+not at all (`write_atomic`), so that a stopped run leaves no half-written result behind."""
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -32,3 +35,17 @@ def read_json(path: Path) -> dict:
                         "it.") from None
     except OSError as e:
         raise UserError(f"Could not read {path} ({e.strerror}); check that it is a readable file.") from None
+
+
+def write_atomic(path, data: str | bytes) -> None:
+    """Write a file whole or not at all: into a temporary sibling, renamed into place (the folder is made if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        try:
+            f.write(data.encode() if isinstance(data, str) else data)
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    os.replace(f.name, path)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import cli
 from training.config import parse_length
-from errors import UserError, run_cli
+from errors import UserError, run_cli, write_atomic
 
 RULER_THRESHOLD = 85.6  # RULER's effective length: the longest length whose mean score stays above this
 REPORT_FILES = ("results.json", "results.md", "passkey_heatmap.png", "niah_heatmap.png")
@@ -254,13 +254,6 @@ def code_version() -> str:
         return f"longgen {metadata.version('longgen')}"
     except metadata.PackageNotFoundError:
         return "unknown (neither a git checkout nor an installed package)"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all: into a temporary sibling, renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -53,7 +51,7 @@ from bench import train_layout
 from training.config import load_config, parse_length
 from training.context_parallel import exchange_report
 from training.data import PackedStream
-from errors import UserError, run_cli
+from errors import UserError, run_cli, write_atomic
 from model import build, compile_settings, preset
 
 PARTS = ("cp", "single", "dp")
@@ -328,7 +326,7 @@ def _run(args, rank, world, device) -> dict:
         if rank == 0:
             print(row, flush=True)
             if args.json:
-                _write(args.json, report)
+                write_atomic(args.json, json.dumps(report, indent=1))
 
     def over_budget() -> bool:
         late = torch.tensor([float(args.budget_s and time.monotonic() - start > args.budget_s)],
@@ -378,7 +376,7 @@ def _run(args, rank, world, device) -> dict:
             row("dp", cfg, args.dp_length, args.dp_layout, None, world, 1, mesh, None, ranks[rank], reshard)
     report["seconds"] = time.monotonic() - start
     if rank == 0 and args.json:
-        _write(args.json, report)
+        write_atomic(args.json, json.dumps(report, indent=1))
     return report if rank == 0 else {}
 
 
@@ -386,15 +384,6 @@ def timed_step(row: dict) -> float:
     """A row's step time for its tokens/s: the median step, but for dp the mean (the ranks' windows differ, and so do
     their steps; a report written before dp rows had a mean gives the median)."""
     return row.get("mean_step_s", row["step_s"]) if row["part"] == "dp" else row["step_s"]
-
-
-def _write(path, report) -> None:
-    """The report as JSON, written whole (a temporary file, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(report, f, indent=1)
-    os.replace(f.name, path)
 
 
 # ------------------------------------------------------------------------------------------------ the table

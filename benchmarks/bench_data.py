@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from errors import write_atomic
+
 SEQ_LEN = 32768
 STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
@@ -181,7 +183,7 @@ def main(argv=None) -> None:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        write_atomic(args.out, json.dumps(results, indent=1))
     print(report(results))
 
 

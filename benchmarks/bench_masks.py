@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
+from errors import write_atomic
 from masks import block_mask, make_pattern
 
 PATTERNS = {"sink_window": make_pattern("sink_window", n_sink=64, window=2048),
@@ -104,8 +105,8 @@ def main():
                 rows.append(row)
                 print(row, flush=True)
                 if args.json:  # as we go: a run stopped at its time limit still leaves its numbers
-                    with open(args.json, "w") as f:
-                        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f)
+                    write_atomic(args.json, json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                            torch=torch.__version__, rows=rows)))
         if args.mask_arithmetic:
             for variant, mask_mod in strided_mask_variants(64, 16, 64).items():
                 bm = block_mask(PATTERNS["strided"], S, S, block_size=128, device=dev)

@@ -6,7 +6,7 @@ import re
 import pytest
 
 import bench
-from errors import UserError
+from errors import UserError, write_atomic
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,16 @@ def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
 def test_bad_arguments_say_what_to_fix(argv, message):
     with pytest.raises(UserError, match=message):
         bench.parse_args(argv)
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path):
+    """bench.py rewrites its JSON after each measurement: a run stopped while writing keeps the previous report."""
+    class Interrupted(str):
+        def encode(self, *args):
+            raise KeyboardInterrupt
+
+    path = tmp_path / "bench.json"
+    write_atomic(path, '{"rows": 1}')
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, Interrupted('{"rows": 2}'))
+    assert json.loads(path.read_text()) == {"rows": 1} and [p.name for p in tmp_path.iterdir()] == ["bench.json"]
