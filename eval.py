@@ -2,7 +2,8 @@
 perplexity by position, for any checkpoint the loader reads, natively or with a post-hoc KV-cache reduction.
 
     python eval.py --tasks passkey,niah,ruler,babilong --lengths 2k,4k,8k [--checkpoint PATH] [--samples 5]
-                   [--depths 5] [--kv-policy none|streaming|h2o|snapkv --kv-budget N] [--ppl-data DIR] [--out DIR]
+                   [--depths 5] [--kv-policy none|streaming|h2o|snapkv --kv-budget N [--compress-before-question]]
+                   [--ppl-data DIR] [--out DIR]
 
 Greedy decoding everywhere. Writes into --out: results.json (every sample, and the run: device, date, command, code
 version, wall time, torch version), results.md (mean score x 100 per task and length, with RULER's effective length)
@@ -48,6 +49,10 @@ def parse_args(argv=None):
                    help="post-hoc KV reduction, applied to a full-attention model (default none)")
     p.add_argument("--kv-budget", type=int, help="with --kv-policy: tokens kept per layer and head (default: the "
                                                  "model's sink + window, 2,112 as LongGen's)")
+    p.add_argument("--compress-before-question", action="store_true",
+                   help="with --kv-policy h2o or snapkv: cut the cache to the budget after the context, before the "
+                        "question is read (as when one cached document is asked several questions); by default the "
+                        "whole prompt, question included, is seen first, and snapkv keeps what the question attends to")
     p.add_argument("--batch", type=int, help="prompts decoded together, with --kv-policy none or streaming "
                                              "(default 4); h2o and snapkv run one at a time")
     p.add_argument("--ppl-data", nargs="*", type=Path, default=[],
@@ -79,6 +84,9 @@ def check_args(args) -> list[int]:
     if args.kv_policy in ("h2o", "snapkv") and args.batch is not None:
         raise UserError(f"--batch has no effect with --kv-policy {args.kv_policy}, which runs one prompt at a time; "
                         "drop --batch.")
+    if args.compress_before_question and args.kv_policy not in ("h2o", "snapkv"):
+        raise UserError(f"--compress-before-question applies to --kv-policy h2o or snapkv, which choose what to keep "
+                        f"from the prompt (--kv-policy {args.kv_policy} does not); drop it or choose one of them.")
     if args.kv_policy != "none" and args.layout == "longgen":
         raise UserError("KV policies are applied to full-attention models; use --layout full instead of longgen.")
     for path in args.ppl_data:
@@ -107,12 +115,25 @@ from model import compile_settings  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def answer(model, tok, prompts: list[list[int]], max_new_tokens: int, policy: str, budget: int) -> list[str]:
-    """Greedy answers to a batch of prompts (one at a time for the scored KV policies)."""
+def answer(model, tok, prompts: list[list[int]], max_new_tokens: int, policy: str, budget: int,
+           questions_from: list[int | None]) -> list[str]:
+    """Greedy answers to a batch of prompts (one at a time for the scored KV policies, each compressed before the
+    token where its question starts, or after the whole prompt where that is None)."""
     if policy in ("h2o", "snapkv"):
-        outs = [kv_policies.generate(model, p, max_new_tokens, policy, budget, stop_ids=tok.stop_ids) for p in prompts]
+        outs = [kv_policies.generate(model, p, max_new_tokens, policy, budget, stop_ids=tok.stop_ids, question_from=q)
+                for p, q in zip(prompts, questions_from)]
         return [tok.decode([t for t in ids if t not in tok.stop_ids]) for ids in outs]
     return gen.complete(model, tok, prompts, max_new_tokens)
+
+
+def question_from(tok, prompt: list[int], sample) -> int:
+    """The first token of the sample's question in its tokenised prompt: where the tokens of the context alone stop
+    agreeing with it (a token may straddle the join; it then counts as the question's)."""
+    context = gen.encode_prompt(tok, sample.prompt[:sample.meta["question_at"]])
+    n = 0
+    while n < min(len(context), len(prompt)) and context[n] == prompt[n]:
+        n += 1
+    return max(n, 1)
 
 
 def run_task(model, tok, task: Task, length: int, args, depths, bar=None) -> list[dict]:
@@ -125,7 +146,10 @@ def run_task(model, tok, task: Task, length: int, args, depths, bar=None) -> lis
         if max(map(len, prompts)) + max(s.max_new_tokens for s in batch) > model.cfg.max_seq_len:
             raise UserError(f"{task.name} at {length} tokens does not fit the model's context of "
                             f"{model.cfg.max_seq_len}; drop that length.")
-        predictions = answer(model, tok, prompts, max(s.max_new_tokens for s in batch), args.kv_policy, args.kv_budget)
+        questions_from = [question_from(tok, p, s) if args.compress_before_question else None
+                          for s, p in zip(batch, prompts)]
+        predictions = answer(model, tok, prompts, max(s.max_new_tokens for s in batch), args.kv_policy, args.kv_budget,
+                             questions_from)
         for s, prompt, prediction in zip(batch, prompts, predictions):
             records.append({**s.meta, "task": task.name, "length": length, "prompt_tokens": len(prompt),
                             "answers": s.answers, "prediction": prediction, "score": task.score(prediction, s)})
@@ -161,7 +185,9 @@ def report(results: list[dict], lengths: list[int], header: dict, ppl: dict, sub
     mean = {key: 100 * sum(v) / len(v) for key, v in by.items()}
     lines = [f"# Evaluation: {header['checkpoint']}", "",
              f"Layout: {header['layout']}. KV policy: {header['kv_policy']}"
-             + (f" at {header['kv_budget']} tokens per layer and head." if header["kv_policy"] != "none" else "."),
+             + (f" at {header['kv_budget']} tokens per layer and head" if header["kv_policy"] != "none" else "")
+             + (", the cache cut after the context, before the question is read."
+                if header.get("compress_before_question") else "."),
              f"Samples per task and length: {header['samples']}; seed {header['seed']}; greedy decoding.", ""]
     if "device" in header:  # the run's record, as EVALUATION.md gives it with every number
         lines += [f"- Device: {header['device']}; torch {header['torch']}.",
@@ -300,7 +326,8 @@ def main(argv=None) -> None:
     header = dict(checkpoint=str(args.checkpoint or "SmolLM2-135M-Instruct (default)"),
                   layout=", ".join(f"{model.cfg.layer_kinds.count(k)} {k}"
                                    for k in dict.fromkeys(model.cfg.layer_kinds)),
-                  kv_policy=args.kv_policy, kv_budget=args.kv_budget, samples=args.samples, seed=args.seed,
+                  kv_policy=args.kv_policy, kv_budget=args.kv_budget,
+                  compress_before_question=args.compress_before_question, samples=args.samples, seed=args.seed,
                   lengths=lengths, **run)
     substitutions = {t.name: list(t.substitutions) for t in tasks}
     write_atomic(args.out / "results.json", json.dumps(dict(header=header, substitutions=substitutions,

@@ -7,7 +7,7 @@ import random
 from collections.abc import Callable
 
 from errors import UserError
-from evaluation.base import Task, sentences
+from evaluation.base import Task, question_at, sentences
 from evaluation.texts import books
 
 
@@ -234,7 +234,8 @@ class Babilong(Task):
             prompt = self.prompt(" ".join(parts), question)
             excess = len(tokenizer.encode(prompt)) + self.max_new_tokens - length
             if not length or excess <= 0:
-                return prompt, [answer], {"question": question, "facts": facts}
+                return prompt, [answer], {"question": question, "facts": facts,
+                                          "question_at": question_at(prompt, BABILONG_TEMPLATE, question=question)}
             if need <= 0:
                 raise UserError(self.too_short(length))
             need -= excess

@@ -16,7 +16,8 @@ class Sample:
     prompt: str          # the full text to feed the model
     answers: list[str]   # reference strings
     max_new_tokens: int  # the task's answer budget
-    meta: dict = field(default_factory=dict)  # JSON-serialisable details: length, depth, question, ...
+    meta: dict = field(default_factory=dict)  # JSON-serialisable details: length, depth, question_at (the character
+    #                                           where the question after the context starts), ...
 
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -30,6 +31,16 @@ def sentences(text: str) -> list[str]:
 def repeat(text: str, n_chars: int, sep: str = " ") -> str:
     """`text` repeated (joined by `sep`) and cut to exactly `n_chars` characters."""
     return sep.join([text] * (n_chars // (len(text) + len(sep)) + 1))[:n_chars]
+
+
+def question_at(prompt: str, template: str, **fields) -> int:
+    """Where the question starts in `prompt`, made from `template`: the end of its {context}. What comes after is the
+    template's rest formatted with `fields`; eval.py's --compress-before-question keeps it from the KV policy until
+    the context is compressed."""
+    question = template.split("{context}", 1)[1].format(**fields)
+    if not prompt.endswith(question):
+        raise ValueError(f"the prompt does not end with its template's question {question[:60]!r}")
+    return len(prompt) - len(question)
 
 
 def fit(make: Callable[[int], str], tokenizer, limit: int, lo: int, too_short: str) -> tuple[int, str]:

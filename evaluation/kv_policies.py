@@ -14,7 +14,8 @@ prompt is processed with full attention (SDPA), layer by layer, and the scores a
 is then cut to the budget. Each decoding step adds one token per head and evicts the lowest-scoring one outside the
 recent window, in place (ScoredCache), so the cache never holds more than `budget` tokens. Scores keep accumulating
 over decoding steps. With a budget covering the whole sequence, nothing is
-evicted and the result is that of full attention.
+evicted and the result is that of full attention. `generate(..., question_from=i)` cuts the cache after the context,
+before the question at token i is read (query-agnostic; eval.py --compress-before-question).
 
 Legend: H query heads, G key/value heads, S tokens, E head width, n tokens kept.
 """
@@ -183,10 +184,18 @@ class ScoredDecoder:
 
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, policy: str, budget: int, *,
-             stop_ids=(), **options) -> list[int]:
-    """Greedy decoding of one prompt with the h2o or snapkv cache of `budget` tokens per layer and head."""
+             stop_ids=(), question_from: int | None = None, **options) -> list[int]:
+    """Greedy decoding of one prompt with the h2o or snapkv cache of `budget` tokens per layer and head.
+
+    With `question_from`, the cache is cut to the budget after prompt[:question_from] (the context) and the rest (the
+    question) goes through it one token at a time, as decoding does: the policy chooses what to keep before it knows
+    the question, as when one cached document is asked several questions (query-agnostic compression). Without it,
+    snapkv's observation window holds the question itself."""
     decoder = ScoredDecoder(model, policy, budget, **options)
-    logits, out = decoder.prefill(prompt), []
+    context = prompt if question_from is None else prompt[:question_from]
+    logits, out = decoder.prefill(context), []
+    for token in prompt[len(context):]:
+        logits = decoder.step(token)
     for _ in range(max_new_tokens):
         out.append(int(logits.argmax()))
         if out[-1] in stop_ids or len(out) == max_new_tokens:

@@ -11,7 +11,7 @@ import re
 import string
 import uuid
 
-from evaluation.base import NOISE, Task, fit, sentences
+from evaluation.base import NOISE, Task, fit, question_at, sentences
 from evaluation.texts import paul_graham_essays, wonderwords
 
 
@@ -90,7 +90,9 @@ class RulerNiah(Task):
             return template.format(type_needle_v=type_v, context=context, query=query)
 
         n, prompt = self.fit(make, length, tokenizer, lo=len(needles))
-        return prompt, [v for i in queried for v in values[i]], {"keys": queries, "haystack_size": n}
+        return prompt, [v for i in queried for v in values[i]], {
+            "keys": queries, "haystack_size": n, "question_at": question_at(prompt, template, type_needle_v=type_v,
+                                                                            query=query)}
 
     def context(self, r: random.Random, n: int, needles: list[str]) -> str:
         if self.haystack == "essay":  # n words of the essays, cut into sentences, needles between them
@@ -138,7 +140,8 @@ class RulerVT(Task):
                          "The vt example does not fit in 500 tokens; use a tokenizer with fewer tokens per line.")
         example += " " + " ".join(example_names) + "\n"  # solved
         n, prompt = self.fit(lambda n: f"{example}\n{vt_question(seed, n, names, value)}", length, tokenizer, lo=5)
-        return prompt, names, {"value": value, "haystack_size": n}
+        return prompt, names, {"value": value, "haystack_size": n,
+                               "question_at": question_at(prompt, RULER_VT, query=value, num_v=len(names))}
 
 
 def numbered(words: list[str]) -> str:
@@ -179,7 +182,8 @@ class RulerCWE(Task):
             return example + "\n" + RULER_CWE.format(context=cwe_list(random.Random(seed), n, *reps)[0])
 
         n, prompt = self.fit(make, length, tokenizer, lo=10)
-        return prompt, cwe_list(random.Random(seed), n, *reps)[1], {"distinct_words": n}
+        return prompt, cwe_list(random.Random(seed), n, *reps)[1], {"distinct_words": n,
+                                                                    "question_at": question_at(prompt, RULER_CWE)}
 
 
 class RulerFWE(Task):
@@ -202,7 +206,7 @@ class RulerFWE(Task):
             return RULER_FWE.format(context=" ".join(text))
 
         n, prompt = self.fit(make, length, tokenizer, lo=1)
-        return prompt, words[1:4], {"zipf_words": n}
+        return prompt, words[1:4], {"zipf_words": n, "question_at": question_at(prompt, RULER_FWE)}
 
 
 TASKS = [

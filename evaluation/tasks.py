@@ -31,7 +31,7 @@ import re
 
 from evaluation import babilong, ruler
 from errors import UserError
-from evaluation.base import NOISE, Task, repeat
+from evaluation.base import NOISE, Task, question_at, repeat
 from evaluation.texts import paul_graham_essays
 
 
@@ -57,7 +57,8 @@ class Passkey(Task):
                               repeat(NOISE, n_chars - before), PASSKEY_QUESTION])
 
         n_chars, prompt = self.fit(make, length, tokenizer, lo=0)
-        return prompt, [str(key)], {"depth": depth, "filler_chars": n_chars}
+        return prompt, [str(key)], {"depth": depth, "filler_chars": n_chars,
+                                    "question_at": len(prompt) - len(PASSKEY_QUESTION)}
 
     def score(self, prediction, sample):
         found = re.search(r"\d+", prediction)
@@ -104,7 +105,9 @@ class Niah(Task):
             prompt = NIAH_PROMPT.format(context=context, retrieval_question=NIAH_QUESTION)
             excess = len(tokenizer.encode(prompt)) + self.max_new_tokens - length
             if excess <= 0:
-                return prompt, [NIAH_NEEDLE.strip()], {"depth": depth, "needle_depth": at / len(haystack)}
+                return prompt, [NIAH_NEEDLE.strip()], {
+                    "depth": depth, "needle_depth": at / len(haystack),
+                    "question_at": question_at(prompt, NIAH_PROMPT, retrieval_question=NIAH_QUESTION)}
             budget -= excess
 
     def score(self, prediction, sample):

@@ -10,9 +10,11 @@ import torch
 
 import cli
 import eval as harness
+import generate as gen
 from conftest import ROOT
 from errors import UserError
 from evaluation.tasks import registry
+from loading import tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,27 @@ def test_kv_policies_run_at_their_budget(tmp_path, policy, smollm2_gguf):
     assert f"KV policy: {policy} at 256 tokens" in (tmp_path / "results.md").read_text()
 
 
+def test_snapkv_compressed_before_the_question(tmp_path, smollm2_gguf):
+    harness.main(["--tasks", "passkey", "--lengths", "512", "--samples", "1", "--depths", "1", "--layout", "full",
+                  "--kv-policy", "snapkv", "--kv-budget", "256", "--compress-before-question", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["header"]["compress_before_question"] is True and len(data["results"]) == 1
+    assert "cut after the context, before the question is read" in (tmp_path / "results.md").read_text()
+
+
+def test_the_question_starts_where_the_context_tokens_stop(smollm2_gguf):
+    """question_from: the tokens before it are the context's own; the question's text begins within the first token
+    after it (a token may straddle the join)."""
+    tok = tokenizer.load(smollm2_gguf)
+    for name in ("passkey", "niah", "ruler/vt", "babilong/qa1"):
+        s = registry()[name].sample(1024, 0, 0, tok)
+        prompt = gen.encode_prompt(tok, s.prompt)
+        n = harness.question_from(tok, prompt, s)
+        assert prompt[:n] == gen.encode_prompt(tok, s.prompt[:s.meta["question_at"]])[:n]
+        question = s.prompt[s.meta["question_at"]:]
+        assert tok.decode(prompt[n:]).endswith(question) and len(tok.decode(prompt[n:])) - len(question) < 20
+
+
 def test_report_means_and_effective_length():
     results = [dict(task=t, length=n, score=s) for t, n, s in [
         ("ruler/vt", 1024, 1.0), ("ruler/vt", 2048, 0.5), ("ruler/cwe", 1024, 0.9), ("ruler/cwe", 2048, 0.9),
@@ -108,6 +131,8 @@ def no_evaluation(monkeypatch):
     (["--kv-budget", "256"], "--kv-budget applies only with --kv-policy"),
     (["--kv-policy", "h2o", "--layout", "full", "--batch", "2"], "--batch has no effect"),
     (["--kv-policy", "h2o", "--layout", "longgen"], "--layout full"),
+    (["--compress-before-question"], "--compress-before-question applies to --kv-policy h2o or snapkv"),
+    (["--kv-policy", "streaming", "--layout", "full", "--compress-before-question"], "streaming does not"),
     (["--sparse", "strided"], "--sparse applies only with --layout longgen"),
     (["--layout", "longgen", "--window", "-1"], "--window must be at least 1"),
     (["--seed", str(2**70)], "--seed"),

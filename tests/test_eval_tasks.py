@@ -301,6 +301,17 @@ def test_prompts_fit_the_length_and_come_close(tok, name):
             assert length - used <= max(0.05 * length, 80)  # a uuid-to-uuid needle line is ~70 SmolLM2 tokens
 
 
+@pytest.mark.parametrize("name", list(E.registry()))
+def test_the_question_follows_the_context(tok, name):
+    """meta["question_at"] splits every prompt into its context and the question after it (for eval.py
+    --compress-before-question): the retrieval tasks' needles lie before it, their questions after."""
+    s = sample(name, tok, length=2048, index=2)
+    context, question = s.prompt[:s.meta["question_at"]], s.prompt[s.meta["question_at"]:]
+    assert 20 < len(question) < 300 and ("?" in question or "Question: " in question)
+    if name in ("passkey", "niah") or name.startswith("ruler/niah"):
+        assert all(a in context and a not in question for a in s.answers)
+
+
 def test_niah_samples_at_one_depth_are_different_haystacks(tok):
     """Ten samples at one depth are ten prompts (the original's one haystack made them one prompt ten times)."""
     prompts = {sample("niah", tok, index=i, depth=0.5).prompt for i in range(4)}

@@ -172,3 +172,33 @@ def test_generate_stops_at_a_stop_token():
     prompt = torch.randint(0, 512, (40,)).tolist()
     first = generate(model, prompt, 1, "snapkv", 16)
     assert generate(model, prompt, 10, "snapkv", 16, stop_ids={first[0]}) == first
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_compressed_before_the_question(policy):
+    """question_from: the cache is cut after the context, and the question's tokens go through it as decoding steps.
+    With a budget covering everything that is full attention (greedy with full recompute); with a small one the
+    cache never exceeds the budget while the question streams in, and no context token dropped before it comes back.
+    Shown the question instead, snapkv keeps other context tokens for another question."""
+    model = tiny()
+    context, question = torch.randint(0, 512, (70,)).tolist(), torch.randint(0, 512, (12,)).tolist()
+    tokens = context + question
+    with torch.no_grad():
+        for _ in range(8):  # greedy, recomputing the whole sequence each step
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    assert generate(model, context + question, 8, policy, 500, question_from=70) == tokens[82:]
+
+    other_question = torch.randint(0, 512, (12,)).tolist()
+    decoder = ScoredDecoder(model, policy, budget=24, window=8)
+    decoder.prefill(context)
+    chosen = [set(c.pos[g].tolist()) for c in decoder.caches for g in range(c.pos.shape[0])]
+    for token in question:
+        decoder.step(token)
+        assert all(c.pos.shape[1] == 24 for c in decoder.caches)
+    now = [set(c.pos[g].tolist()) for c in decoder.caches for g in range(c.pos.shape[0])]
+    assert all({p for p in after if p < 70} <= before for before, after in zip(chosen, now))  # nothing comes back
+    if policy == "snapkv":
+        seen = [ScoredDecoder(model, policy, budget=24, window=8) for _ in range(2)]
+        for decoder, q in zip(seen, (question, other_question)):
+            decoder.prefill(context + q)
+        assert any(not torch.equal(a.pos[:, :16], b.pos[:, :16]) for a, b in zip(seen[0].caches, seen[1].caches))

@@ -2,7 +2,7 @@
 arm per GPU at a time, and evaluate each exported model as soon as it is trained (evaluations share the GPU that
 trained it). Run from the repository root:
 
-    python tools/extension.py --gpus 0,1 --arms full longgen-calibrated longgen-middle --evictions
+    python tools/extension.py --gpus 0,1 --arms full longgen-calibrated longgen-middle --evictions [--before-question]
     python tools/extension.py --gpus 0,1 --arms "window4096=placement=calibrated \
         full_layers=[5,6,7,14,17,18,20,21,23,24] pattern.window=4096" "steps300=placement=calibrated \
         full_layers=[5,6,7,14,17,18,20,21,23,24] steps=300 grad_accum=8"
@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also the RULER and BABILong tasks (20 samples each), not only passkey and niah")
     p.add_argument("--evictions", action="store_true", help="after the full arm: StreamingLLM, SnapKV and H2O at the "
                    "10-full-layer arms' total KV bytes, one length at a time")
+    p.add_argument("--before-question", action="store_true", help="with --evictions: also SnapKV and H2O compressed "
+                   "before the question is read (eval.py --compress-before-question; arms full+snapkv-before-question, "
+                   "full+h2o-before-question)")
     p.add_argument("--slots", type=int, default=4, help="evaluations at once per GPU")
     p.add_argument("--smoke", action="store_true", help="a CPU dry run at toy sizes")
     return p.parse_args(argv)
@@ -119,15 +122,18 @@ def main(argv=None) -> None:
             jobs.later(f"eval-{arm}-rest", base + ["--tasks", REST, *rest, "--out", str(runs / "eval" / arm / "rest")],
                        gpu)
         if arm == "full" and args.evictions:
-            for policy in ("streaming", "snapkv", "h2o"):
+            policies = [(p, "") for p in ("streaming", "snapkv", "h2o")]
+            policies += [(p, "-before-question") for p in ("snapkv", "h2o") if args.before_question]
+            for policy, when in policies:
                 for length in lengths.split(","):
                     budget = math.ceil((10 * int(length[:-1]) * 1024 + 20 * kept) / 30)  # 10 of 30 layers full
                     batch = ["--batch", "4"] if policy == "streaming" else []  # the others: a prompt at a time
-                    jobs.later(f"eval-full+{policy}-{length}",
+                    batch += ["--compress-before-question"] if when else []
+                    jobs.later(f"eval-full+{policy}{when}-{length}",
                                [py, "eval.py", "--checkpoint", str(runs / "full" / "final"), "--layout", "full",
                                 "--kv-policy", policy, "--kv-budget", str(budget), "--tasks", "passkey,niah",
                                 "--lengths", length, *evict, *batch, "--out",
-                                str(runs / "eval" / f"full+{policy}" / length)], gpu)
+                                str(runs / "eval" / f"full+{policy}{when}" / length)], gpu)
 
     queue, qlock = list(arms), threading.Lock()
 
