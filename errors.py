@@ -37,13 +37,17 @@ def read_json(path: Path) -> dict:
         raise UserError(f"Could not read {path} ({e.strerror}); check that it is a readable file.") from None
 
 
-def write_atomic(path, data: str | bytes) -> None:
-    """Write a file whole or not at all: into a temporary sibling, renamed into place (the folder is made if needed)."""
+def write_atomic(path, data) -> None:
+    """Write a file whole or not at all: into a temporary sibling, renamed into place (the folder is made if needed).
+    `data` is str, bytes, or a function that writes to the open binary file (np.savez, a figure's savefig)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
         try:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
         except BaseException:
             f.close()
             os.unlink(f.name)

@@ -241,10 +241,8 @@ def heatmap(results: list[dict], task: str, path: Path) -> bool:
     ax.set_title(f"{task}: score")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

@@ -41,7 +41,7 @@ from loading import weights
 from training.config import load_config
 from training.context_parallel import cp_forward, cp_mean, exchange_report, shard
 from training.data import DataConfig, PackedStream, load_documents
-from errors import UserError, run_cli
+from errors import UserError, run_cli, write_atomic
 from model import build, compile_settings, preset
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
@@ -464,9 +464,7 @@ def _drop_records_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line.rstrip("\n") + "\n" for line in lines if _step_of(line) <= step]
     if kept != lines:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(kept))
 
 
 def _step_of(line: str) -> float:

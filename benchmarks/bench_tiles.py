@@ -19,9 +19,7 @@ import argparse
 import datetime
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 
 from decoding import kernels
 from bench import elapsed_ms, measure_copy_GBps
-from errors import UserError, run_cli
+from errors import UserError, run_cli, write_atomic
 
 PARTS = ("gemv", "rope")
 GEMV_CANDIDATES = [(rows, bk, warps, stages) for rows in (2, 1, 4, 8) for bk, warps in
@@ -41,15 +39,11 @@ ROPE_CANDIDATES = [(pairs, bk, warps, stages) for pairs in (1, 2, 4) for bk, war
 # ------------------------------------------------------------------------------------------------ the table
 def write_entry(path: Path, key: str, entry: dict) -> dict:
     """Merge this GPU's entry into the table at `path` (parts not swept now keep their old values), written atomically
-    (a temporary file, then os.replace). Returns the whole table."""
+    (errors.write_atomic). Returns the whole table."""
     path = Path(path)
     table = json.loads(path.read_text()) if path.exists() else {}
     table[key] = {**table.get(key, {}), **entry}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table
 
 
@@ -186,14 +180,10 @@ def main(argv=None) -> None:
     write_entry(Path(args.out), key, entry)
     report["entry"] = entry
     if args.json:
-        write_entry_json(Path(args.json), report)
+        write_atomic(args.json, json.dumps(report, indent=1))
     log(f"wrote {key}'s entry to {args.out}: {json.dumps(entry)}")
 
 
-def write_entry_json(path: Path, report: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def test_bad_arguments_say_what_to_fix(argv, message):
 
 
 def test_a_report_is_written_whole_or_not_at_all(tmp_path):
-    """bench.py rewrites its JSON after each measurement: a run stopped while writing keeps the previous report."""
+    """bench.py rewrites its JSON after each measurement: a run stopped while writing keeps the previous report (a
+    string or a writer function alike)."""
     class Interrupted(str):
         def encode(self, *args):
             raise KeyboardInterrupt
@@ -99,4 +100,11 @@ def test_a_report_is_written_whole_or_not_at_all(tmp_path):
     write_atomic(path, '{"rows": 1}')
     with pytest.raises(KeyboardInterrupt):
         write_atomic(path, Interrupted('{"rows": 2}'))
+
+    def half_then_interrupted(f):  # a writer function (np.savez, savefig) stopped halfway
+        f.write(b'{"rows": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, half_then_interrupted)
     assert json.loads(path.read_text()) == {"rows": 1} and [p.name for p in tmp_path.iterdir()] == ["bench.json"]

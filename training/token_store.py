@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from errors import UserError
+from errors import UserError, write_atomic
 
 if TYPE_CHECKING:
     from training.data import DataConfig
@@ -177,7 +177,7 @@ def _digests(source: Source, cfg: DataConfig) -> list[str]:
         fresh[str(f)] = [*stamp, digest]
     if fresh != memo:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(memo_file, lambda fh: fh.write(json.dumps(fresh).encode()))
+        write_atomic(memo_file, json.dumps(fresh))
     return digests
 
 
@@ -377,7 +377,7 @@ def _tokenise(task: Task, parts_dir: Path, dtype, text_field: str, tokenizer=Non
     lengths = np.array([len(d) for d in docs], np.int64)
     hashes = np.array([_text_hash(t) for t in texts], np.uint64)
     tokens = np.concatenate(docs) if docs else np.zeros(0, dtype)
-    _atomic(parts_dir / f"{task.key}.npz", lambda f: np.savez(f, tokens=tokens, lengths=lengths, hashes=hashes))
+    write_atomic(parts_dir / f"{task.key}.npz", lambda f: np.savez(f, tokens=tokens, lengths=lengths, hashes=hashes))
     return len(texts), len(tokens)
 
 
@@ -386,18 +386,6 @@ def _parts(paths):
     for path in paths:
         with np.load(path, allow_pickle=False) as z:
             yield z["tokens"], z["lengths"], z["hashes"]
-
-
-def _atomic(path: Path, write) -> None:
-    """write(file) into a temporary file beside `path`, renamed to `path` once written."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        try:
-            write(f)
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
 
 
 def _text_hash(text: str) -> int:
