@@ -104,8 +104,10 @@ def load(checkpoint: str | Path | None = None, *, device=None, dtype: torch.dtyp
     layout; others load with every layer full (`convert` them)."""
     path = weights.resolve(checkpoint) if checkpoint is not None else weights.default_checkpoint()
     if path.suffix == ".gguf" and path.is_file():  # one parse of the header serves weights and tokeniser
-        reader = weights.open_gguf(path)
-        (cfg, state_dict), tok = weights.read_gguf(reader), tokenizer.from_gguf(reader)
+        from loading.gguf_file import open_gguf  # gguf only here: benchmarks run without it
+
+        gguf_file = open_gguf(path)
+        (cfg, state_dict), tok = weights.read_gguf(gguf_file), tokenizer.from_gguf(gguf_file)
     else:
         cfg, state_dict = weights.read_checkpoint(path)
         tok = tokenizer.load(path)

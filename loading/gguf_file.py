@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from errors import UserError
+
 SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
          12: "<f8"}
@@ -55,9 +57,9 @@ class GGUFFile:
             alignment = int(self.metadata.get("general.alignment", 32))
             start = -(-self.pos // alignment) * alignment
             self.tensors = [self._tensor(start, *info) for info in infos]
+        except GGUFError:
+            raise
         except (struct.error, UnicodeDecodeError, KeyError, ValueError) as e:
-            if isinstance(e, GGUFError):
-                raise
             raise GGUFError(f"its header is damaged or cut short ({type(e).__name__}: {e})") from None
 
     def _unpack(self, fmt: str) -> tuple:
@@ -102,6 +104,14 @@ class GGUFFile:
         if begin + rows * row_bytes > len(self.map):
             raise GGUFError(f"tensor {name} runs past the end of the file")
         return Tensor(name, shape, kind, self.map[begin:begin + rows * row_bytes].reshape(*shape[:-1], row_bytes))
+
+
+def open_gguf(path) -> GGUFFile:
+    """The parsed file, or a UserError naming the fix (the weights and the tokenizer share one parse)."""
+    try:
+        return GGUFFile(path)
+    except (OSError, GGUFError) as e:
+        raise UserError(f"{path} is not a readable GGUF file ({e}); download or convert it again.") from None
 
 
 # Block formats whose whole-tensor decoding gguf-py writes with numpy alone; its own `dequantize` decodes them 16 rows

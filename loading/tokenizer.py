@@ -301,15 +301,9 @@ def from_gguf(path_or_file) -> BaseTokenizer:
     """The tokenizer in a GGUF file's `tokenizer.*` metadata (byte-level BPE: `tokenizer.ggml.model` "gpt2"), from its
     path or its `loading.gguf_file.GGUFFile`. gguf is imported only here: the benchmarks import this module on machines
     without it."""
-    from loading.gguf_file import GGUFError, GGUFFile
+    from loading.gguf_file import GGUFFile, open_gguf
 
-    if isinstance(path_or_file, GGUFFile):
-        gguf_file = path_or_file
-    else:
-        try:
-            gguf_file = GGUFFile(_existing(path_or_file))
-        except (OSError, GGUFError) as e:
-            raise UserError(f"Could not read {path_or_file} as GGUF ({e}); re-download or re-convert it.") from None
+    gguf_file = path_or_file if isinstance(path_or_file, GGUFFile) else open_gguf(_existing(path_or_file))
     source, get = gguf_file.path, gguf_file.metadata.get
     if get("tokenizer.ggml.model") is None or get("tokenizer.ggml.tokens") is None:
         raise UserError(f"{source} holds no tokenizer (its tokenizer.ggml.model and tokenizer.ggml.tokens keys are "

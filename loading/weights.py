@@ -141,19 +141,8 @@ def check_weights(cfg: Config, state_dict: dict[str, torch.Tensor], source, fuse
                             "that came with these weights.")
 
 
-def open_gguf(path):
-    """Parse a GGUF file's header (share the result between the weights and the tokenizer). gguf is imported only
-    here: the benchmarks import this module and run on machines without it."""
-    from loading.gguf_file import GGUFError, GGUFFile
-
-    try:
-        return GGUFFile(path)
-    except GGUFError as e:
-        raise UserError(f"{path} is not a readable GGUF file ({e}); download it again.") from None
-
-
 def read_gguf(path_or_file) -> tuple[Config, dict[str, torch.Tensor]]:
-    from loading.gguf_file import GGUFFile, dequantize
+    from loading.gguf_file import GGUFFile, dequantize, open_gguf  # gguf only here: benchmarks run without it
 
     gguf_file = path_or_file if isinstance(path_or_file, GGUFFile) else open_gguf(path_or_file)
     path, meta = gguf_file.path, gguf_file.metadata
@@ -186,7 +175,6 @@ def read_gguf(path_or_file) -> tuple[Config, dict[str, torch.Tensor]]:
         if kind not in GGUF_NAMES and part not in ("token_embd", "output_norm", "output"):
             raise UserError(f"{path} holds the tensor {t.name}, which is no part of a Llama; use a Llama GGUF file.")
         w = torch.from_numpy(dequantize(t))
-        part, _, rest = t.name.partition(".")
         if part == "blk":
             layer, kind, _ = rest.split(".", 2)
             if kind == "attn_q":

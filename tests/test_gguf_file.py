@@ -6,8 +6,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 
 from errors import UserError
-from loading import weights
-from loading.gguf_file import WHOLE, GGUFError, GGUFFile, dequantize
+from loading.gguf_file import WHOLE, GGUFError, GGUFFile, dequantize, open_gguf
 
 
 def same_as_gguf_py(path):
@@ -72,10 +71,15 @@ def test_damaged_files_say_what_is_wrong(tmp_path, data, says):
     with pytest.raises(GGUFError, match=says):
         GGUFFile(path)
     with pytest.raises(UserError, match="not a readable GGUF file"):
-        weights.open_gguf(path)
+        open_gguf(path)
 
 
 def test_a_header_cut_inside_the_vocabulary(tmp_path, smollm2_gguf):
     (path := tmp_path / "cut.gguf").write_bytes(smollm2_gguf.read_bytes()[:500_000])
     with pytest.raises(GGUFError, match="damaged or cut short|past the end"):
         GGUFFile(path)
+
+
+def test_a_path_that_cannot_be_read_is_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="not a readable GGUF file"):
+        open_gguf(tmp_path)  # a directory
