@@ -156,10 +156,10 @@ def calibrate(model, docs: list[np.ndarray], n_full: int, *, sparse: str = "sink
         raise UserError(f"n_full={n_full} must be a whole number of layers from 1 to {L}.")
     if probe.samples < 1 or probe.batch_size < 1:
         raise UserError("The probe needs at least one sample and a batch size of at least 1.")
-    if reach(cfg, sparse) == math.inf:
+    if (sees := reach(cfg, sparse)) == math.inf:
         raise UserError(f"This {sparse} pattern sees every earlier token (it is full attention): nothing to calibrate; "
                         "give it a smaller reach.")
-    back, n_sink = int(reach(cfg, sparse)), getattr(cfg.pattern(sparse), "n_sink", 0)  # its sink tokens, if any
+    back, n_sink = int(sees), getattr(cfg.pattern(sparse), "n_sink", 0)  # its sink tokens, if any
     tiles = -(-(3 * back + 2 * probe.span - 1) // 128)  # the inputs (length - 1 tokens) in whole 128-token tiles
     length = probe.length or min(128 * tiles + 1, cfg.max_seq_len)
     if length > cfg.max_seq_len:
