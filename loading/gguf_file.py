@@ -115,7 +115,7 @@ def open_gguf(path) -> GGUFFile:
 
 
 # Block formats whose whole-tensor decoding gguf-py writes with numpy alone; its own `dequantize` decodes them 16 rows
-# at a time (5x slower on SmolLM2's Q4_1). The others go through it.
+# at a time, with a Python step per group. The others go through it.
 WHOLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 CHUNK = 1 << 16  # blocks decoded at once: bounds the temporaries for a 7B model's embedding
 
