@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help="documents (files or directories) for perplexity by position, at each length")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="directory for the report (default runs/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                   help="instead of evaluating: join the reports in these directories (runs of one model, each with "
+                        "its own tasks or lengths) into one report in --out; the evaluation options are not used")
     cli.add_model_args(p)
     return p.parse_args(argv)
 
@@ -92,6 +95,9 @@ def check_args(args) -> list[int]:
     for path in args.ppl_data:
         if not path.exists():
             raise UserError(f"--ppl-data {path} does not exist; check the path.")
+    for d in args.merge or []:
+        if not (d / "results.json").is_file():
+            raise UserError(f"--merge {d} holds no results.json; give directories that eval.py wrote.")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; give a directory for the report.")
     existing = [name for name in REPORT_FILES if (args.out / name).exists()]
@@ -191,8 +197,13 @@ def report(results: list[dict], lengths: list[int], header: dict, ppl: dict, sub
              f"Samples per task and length: {header['samples']}; seed {header['seed']}; greedy decoding.", ""]
     if "device" in header:  # the run's record, as EVALUATION.md gives it with every number
         lines += [f"- Device: {header['device']}; torch {header['torch']}.",
-                  f"- Date: {header['date']}; the run took {header['wall_s']:.0f} s.",
+                  f"- Date: {header['date']}; the "
+                  + ("parts took" if len(header.get("parts", [])) > 1 else "run took") + f" {header['wall_s']:.0f} s"
+                  + (" in all." if len(header.get("parts", [])) > 1 else "."),
                   f"- Command: `{header['command']}`", f"- Code: {header['code']}.", ""]
+        if len(header.get("parts", [])) > 1:  # a merged report: the run of each part
+            lines[-1:] = ["- Parts:"] + [f"  - `{p['command']}` ({p['date']}, {p['wall_s']:.0f} s)"
+                                         for p in header["parts"]] + [""]
     lines += ["| task | " + " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths) + " | mean |",
               "|---|" + "---|" * (len(lengths) + 1)]
     groups = {"ruler": [t for t in tasks if t.startswith("ruler/")],
@@ -293,6 +304,11 @@ def main(argv=None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"Cannot create --out {args.out} ({e.strerror}); choose another directory.") from None
+    if args.merge:
+        text = write_report(args.out, merge_runs(args.merge, shlex.join(["python", "eval.py", *argv])))
+        print(text)
+        print(f"Written to {args.out}/ (results.json, results.md, heatmaps).", file=sys.stderr)
+        return
     t0, started = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
     compile_settings()
     model, tok = cli.load_model(args)
@@ -328,15 +344,84 @@ def main(argv=None) -> None:
                   compress_before_question=args.compress_before_question, samples=args.samples, seed=args.seed,
                   lengths=lengths, **run)
     substitutions = {t.name: list(t.substitutions) for t in tasks}
-    write_atomic(args.out / "results.json", json.dumps(dict(header=header, substitutions=substitutions,
-                                                            perplexity=ppl, results=results), indent=1).encode())
-    text = report(results, lengths, header, ppl, substitutions)
-    write_atomic(args.out / "results.md", text.encode())
-    for task in ("passkey", "niah"):
-        if not heatmap(results, task, args.out / f"{task}_heatmap.png"):
-            (args.out / f"{task}_heatmap.png").unlink(missing_ok=True)  # an earlier run's, replaced by --overwrite
-    print(text)
+    print(write_report(args.out, dict(header=header, substitutions=substitutions, perplexity=ppl, results=results)))
     print(f"Written to {args.out}/ (results.json, results.md, heatmaps) in {run['wall_s']:.0f} s.", file=sys.stderr)
+
+
+def write_report(out: Path, run: dict) -> str:
+    """results.json, results.md and the heatmaps of one run (header, substitutions, perplexity, results) into out;
+    returns the markdown."""
+    write_atomic(out / "results.json", json.dumps(run, indent=1).encode())
+    h = run["header"]
+    text = report(run["results"], h["lengths"], h, {int(n): v for n, v in run["perplexity"].items()},
+                  run["substitutions"])
+    write_atomic(out / "results.md", text.encode())
+    for task in ("passkey", "niah"):
+        if not heatmap(run["results"], task, out / f"{task}_heatmap.png"):
+            (out / f"{task}_heatmap.png").unlink(missing_ok=True)  # an earlier run's, replaced by --overwrite
+    return text
+
+
+def merge_runs(dirs: list[Path], command: str) -> dict:
+    """One run made of the reports in dirs: runs of one model under one KV policy, each with its own tasks or
+    lengths (as tools/extension.py splits them), together covering every task at every length once. The header
+    keeps each part's own record under `parts`."""
+    runs = []
+    for d in dirs:
+        try:
+            run = json.loads((d / "results.json").read_text())
+            if not all(k in run["header"] for k in ("lengths", "samples", "date", "wall_s", "kv_budget")) or any(
+                    k not in x for x in run["results"] for k in ("task", "length", "score")):
+                raise KeyError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"--merge: {d}/results.json is not a report eval.py wrote (unreadable or incomplete); "
+                            "give the directories of finished evaluations.") from None
+        runs.append(run)
+    heads = [r["header"] for r in runs]
+    same = {}
+    for key in ("checkpoint", "layout", "kv_policy", "compress_before_question", "seed"):
+        values = list(dict.fromkeys(json.dumps(h.get(key, False if key == "compress_before_question" else None))
+                                    for h in heads))  # reports older than the flag did not record it
+        if len(values) > 1:
+            raise UserError(f"--merge joins runs of one model and KV policy, but their {key} differs "
+                            f"({' vs '.join(values)}); merge those runs separately.")
+        same[key] = heads[0].get(key)
+    cells = {}
+    for d, r in zip(dirs, runs):
+        for task in dict.fromkeys(x["task"] for x in r["results"]):
+            for n in r["header"]["lengths"]:
+                if (task, n) in cells:
+                    raise UserError(f"--merge: {task} at {n} tokens is in both {cells[task, n]} and {d}; "
+                                    "give each task and length once.")
+                cells[task, n] = d
+    tasks = list(dict.fromkeys(t for t, _ in cells))
+    lengths = sorted({n for _, n in cells})
+    missing = [(t, n) for t in tasks for n in lengths if (t, n) not in cells]
+    if missing:
+        raise UserError(f"--merge: no run has {missing[0][0]} at {missing[0][1]} tokens, so the report would have a "
+                        "hole; add that run or merge runs of the same lengths.")
+    parts = [p for h in heads for p in h.get("parts", [h])]
+
+    def joined(key):
+        return " / ".join(dict.fromkeys(str(h[key]) for h in heads if key in h))
+
+    by_samples = defaultdict(set)  # samples -> task families
+    for r in runs:
+        for x in r["results"]:
+            by_samples[r["header"]["samples"]].add(x["task"].split("/")[0])
+    samples = (next(iter(by_samples)) if len(by_samples) == 1 else
+               "; ".join(f"{n} ({', '.join(sorted(f))})" for n, f in by_samples.items()))
+    budget = {n: h["kv_budget"] for h in heads for n in h["lengths"]}
+    kv_budget = (next(iter(set(budget.values()))) if len(set(budget.values())) == 1 else
+                 " / ".join(f"{budget[n]:,}" for n in lengths) + " (at " + " / ".join(
+                     f"{n // 1024}K" for n in lengths) + ")")
+    header = dict(same, kv_budget=kv_budget, samples=samples, lengths=lengths, device=joined("device"),
+                  torch=joined("torch"), date=min(h["date"] for h in heads), command=command, code=joined("code"),
+                  wall_s=round(sum(h["wall_s"] for h in heads), 1), parts=parts)
+    perplexity = {k: v for r in runs for k, v in r["perplexity"].items()}
+    substitutions = {k: v for r in runs for k, v in r["substitutions"].items()}
+    results = [x for r in runs for x in r["results"]]
+    return dict(header=header, substitutions=substitutions, perplexity=perplexity, results=results)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,70 @@ def test_help_names_only_files_in_the_repository():
         helped = re.findall(r"^  (--[\w-]+)(?: \S+)?\s{2,}\S", text, re.M) + re.findall(
             r"^  (--[\w-]+).*\n {20,}\S", text, re.M)
         assert set(options) <= set(helped) | {"--help"}, set(options) - set(helped)
+
+
+# ------------------------------------------------------------------------------------------------ --merge
+def fake_run(out, tasks, lengths, samples=2, **header):
+    """A report as eval.py writes it, without a model: every task at every length, scores from the cell."""
+    results = [dict(task=t, length=n, score=(i + j) % 2, depth=0.5)
+               for i, t in enumerate(tasks) for j, n in enumerate(lengths) for _ in range(samples)]
+    head = dict(checkpoint="runs/a/final", layout="2 full", kv_policy="none", kv_budget=2112,
+                compress_before_question=False, samples=samples, seed=0, lengths=lengths, device="cpu",
+                torch="2", date=f"2026-12-01T0{len(tasks)}:00:00", command=f"python eval.py --tasks {','.join(tasks)}",
+                code="git abc", wall_s=10.0)
+    head.update(header)
+    out.mkdir(parents=True)
+    harness.write_report(out, dict(header=head, substitutions={t: [f"sub {t}"] for t in tasks}, perplexity={},
+                                   results=results))
+    return out
+
+
+def test_merge_joins_reports_of_one_model(tmp_path, no_evaluation):
+    a = fake_run(tmp_path / "retrieval", ["passkey", "niah"], [1024, 2048], samples=2)
+    b = fake_run(tmp_path / "rest", ["ruler/vt"], [1024, 2048], samples=3)
+    harness.main(["--merge", str(a), str(b), "--out", str(tmp_path / "both")])
+    run = json.loads((tmp_path / "both" / "results.json").read_text())
+    text = (tmp_path / "both" / "results.md").read_text()
+    for part in (a, b):  # every row of each part's report, unchanged
+        rows = [line for line in (part / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+        assert rows and all(row in text for row in rows)
+    assert len(run["results"]) == 2 * 2 * 2 + 1 * 2 * 3
+    h = run["header"]
+    assert h["samples"] == "2 (niah, passkey); 3 (ruler)" and h["lengths"] == [1024, 2048] and h["wall_s"] == 20.0
+    assert [p["command"] for p in h["parts"]] == ["python eval.py --tasks passkey,niah", "python eval.py --tasks ruler/vt"]
+    assert h["date"] == "2026-12-01T01:00:00" and h["command"].startswith("python eval.py --merge")
+    assert "sub ruler/vt" in text and "sub passkey" in text and (tmp_path / "both" / "passkey_heatmap.png").exists()
+
+
+def test_merge_joins_lengths_with_their_budgets(tmp_path, no_evaluation):
+    parts = [fake_run(tmp_path / f"{n}", ["passkey"], [n], kv_policy="snapkv", kv_budget=b, layout="2 full")
+             for n, b in [(2048, 700), (1024, 500)]]
+    harness.main(["--merge", *map(str, parts), "--out", str(tmp_path / "both")])
+    h = json.loads((tmp_path / "both" / "results.json").read_text())["header"]
+    assert h["lengths"] == [1024, 2048] and h["kv_budget"] == "500 / 700 (at 1K / 2K)" and h["samples"] == 2
+
+
+@pytest.mark.parametrize("second, message", [
+    (dict(tasks=["passkey"], lengths=[1024]), "passkey at 1024 tokens is in both"),
+    (dict(tasks=["niah"], lengths=[2048]), "no run has passkey at 2048 tokens"),
+    (dict(tasks=["niah"], lengths=[1024], checkpoint="runs/b/final"), "their checkpoint differs"),
+    (dict(tasks=["niah"], lengths=[1024], kv_policy="h2o"), "their kv_policy differs"),
+])
+def test_merge_refuses_reports_that_do_not_fit(tmp_path, no_evaluation, second, message):
+    a = fake_run(tmp_path / "a", ["passkey"], [1024])
+    b = fake_run(tmp_path / "b", **second)
+    with pytest.raises(UserError, match=re.escape(message)):
+        harness.main(["--merge", str(a), str(b), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_merge_refuses_what_eval_did_not_write(tmp_path, no_evaluation):
+    a = fake_run(tmp_path / "a", ["passkey"], [1024])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no results.json"):
+        harness.main(["--merge", str(a), str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    (tmp_path / "empty" / "results.json").write_text('{"header": {}')
+    with pytest.raises(UserError, match="is not a report eval.py wrote"):
+        harness.main(["--merge", str(a), str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="already holds a report"):  # --out is checked as for an evaluation
+        harness.main(["--merge", str(a), "--out", str(a)])

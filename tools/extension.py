@@ -10,7 +10,9 @@ trained it). Run from the repository root:
 
 An arm is a name from ARMS or NAME=train.py overrides. Everything goes under --runs (runs/extension): each arm's
 train.py out_dir, eval.py reports in eval/ARM/{retrieval,rest}, logs in logs/, and status.json (what runs, what is
-done, with commands and seconds), rewritten as jobs start and end.
+done, with commands and seconds), rewritten as jobs start and end. Each arm's reports are joined into one
+(`eval.py --merge`) in eval/ARM/ once its evaluations are done: the results.json, results.md and heatmaps that
+EVALUATION.md keeps in docs/eval/extension/ARM/.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Runner:
         (runs / "logs").mkdir(parents=True, exist_ok=True)
         self.status, self.lock, self.threads = {}, threading.Lock(), []
         self.slots = {gpu: threading.Semaphore(slots) for gpu in gpus}
+        self.launched: dict[str, threading.Thread] = {}  # job name -> its thread, for merges to wait on
 
     def save(self):
         with self.lock:
@@ -73,6 +76,21 @@ class Runner:
         def go():
             with self.slots[gpu]:
                 self.run(name, cmd, gpu)
+        self.threads.append(threading.Thread(target=go))
+        self.threads[-1].start()
+        return self.threads[-1]
+
+    def merge(self, name: str, parts: list[tuple[str, threading.Thread]], cmd: list[str]):
+        """When the parts (job name, its thread) are done and all succeeded: eval.py --merge of their reports."""
+        def go():
+            for _, t in parts:
+                t.join()
+            if all(self.status[part]["state"] == "done" for part, _ in parts):
+                self.run(name, cmd, "cpu")
+            else:
+                self.status[name] = dict(state="skipped (a part failed)", gpu="cpu")
+                self.save()
+        self.status[name] = dict(state="queued", gpu="cpu")
         self.threads.append(threading.Thread(target=go))
         self.threads[-1].start()
 
@@ -114,26 +132,41 @@ def main(argv=None) -> None:
     runs = Path(args.runs)
     jobs = Runner(runs, gpus, 1 if args.smoke else args.slots)
 
+    def merged(name: str, parts: dict[str, str]):
+        """The reports in eval/NAME/DIR/ (parts: DIR -> the job writing it) joined into one in eval/NAME/ when all
+        are done: the report EVALUATION.md commits as docs/eval/extension/NAME/."""
+        out = runs / "eval" / name
+        jobs.merge(f"merge-{name}", [(job, jobs.launched[job]) for job in parts.values()],
+                   [py, "eval.py", "--merge", *(str(out / p) for p in parts), "--out", str(out), "--overwrite"])
+
+    def later(name: str, cmd: list[str], gpu: str) -> str:
+        jobs.launched[name] = jobs.later(name, cmd, gpu)
+        return name
+
     def evaluate(arm: str, gpu: str):
         base = [py, "eval.py", "--checkpoint", str(runs / arm / "final"), "--lengths", lengths, "--batch", "4"]
-        jobs.later(f"eval-{arm}-retrieval", base + ["--tasks", "passkey,niah", *retrieval, "--out",
-                                                    str(runs / "eval" / arm / "retrieval")], gpu)
+        parts = {"retrieval": later(f"eval-{arm}-retrieval", base + ["--tasks", "passkey,niah", *retrieval,
+                                    "--out", str(runs / "eval" / arm / "retrieval")], gpu)}
         if args.rest:
-            jobs.later(f"eval-{arm}-rest", base + ["--tasks", REST, *rest, "--out", str(runs / "eval" / arm / "rest")],
-                       gpu)
+            parts["rest"] = later(f"eval-{arm}-rest", base + ["--tasks", REST, *rest, "--out",
+                                                             str(runs / "eval" / arm / "rest")], gpu)
+        merged(arm, parts)
         if arm == "full" and args.evictions:
             policies = [(p, "") for p in ("streaming", "snapkv", "h2o")]
             policies += [(p, "-before-question") for p in ("snapkv", "h2o") if args.before_question]
             for policy, when in policies:
+                parts = {}
                 for length in lengths.split(","):
                     budget = math.ceil((10 * int(length[:-1]) * 1024 + 20 * kept) / 30)  # 10 of 30 layers full
                     batch = ["--batch", "4"] if policy == "streaming" else []  # the others: a prompt at a time
                     batch += ["--compress-before-question"] if when else []
-                    jobs.later(f"eval-full+{policy}{when}-{length}",
-                               [py, "eval.py", "--checkpoint", str(runs / "full" / "final"), "--layout", "full",
-                                "--kv-policy", policy, "--kv-budget", str(budget), "--tasks", "passkey,niah",
-                                "--lengths", length, *evict, *batch, "--out",
-                                str(runs / "eval" / f"full+{policy}{when}" / length)], gpu)
+                    parts[length] = later(
+                        f"eval-full+{policy}{when}-{length}",
+                        [py, "eval.py", "--checkpoint", str(runs / "full" / "final"), "--layout", "full",
+                         "--kv-policy", policy, "--kv-budget", str(budget), "--tasks", "passkey,niah",
+                         "--lengths", length, *evict, *batch, "--out",
+                         str(runs / "eval" / f"full+{policy}{when}" / length)], gpu)
+                merged(f"full+{policy}{when}", parts)
 
     queue, qlock = list(arms), threading.Lock()
 
