@@ -183,6 +183,10 @@ def perplexity(model, tok, paths: list[str], length: int, n_buckets: int = 8, n_
     return per_bucket.tolist()
 
 
+def length_name(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def report(results: list[dict], lengths: list[int], header: dict, ppl: dict, substitutions: dict) -> str:
     by = defaultdict(list)
     for r in results:
@@ -204,7 +208,7 @@ def report(results: list[dict], lengths: list[int], header: dict, ppl: dict, sub
         if len(header.get("parts", [])) > 1:  # a merged report: the run of each part
             lines[-1:] = ["- Parts:"] + [f"  - `{p['command']}` ({p['date']}, {p['wall_s']:.0f} s)"
                                          for p in header["parts"]] + [""]
-    lines += ["| task | " + " | ".join(f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths) + " | mean |",
+    lines += ["| task | " + " | ".join(map(length_name, lengths)) + " | mean |",
               "|---|" + "---|" * (len(lengths) + 1)]
     groups = {"ruler": [t for t in tasks if t.startswith("ruler/")],
               "babilong": [t for t in tasks if t.startswith("babilong/")]}
@@ -405,22 +409,23 @@ def merge_runs(dirs: list[Path], command: str) -> dict:
     def joined(key):
         return " / ".join(dict.fromkeys(str(h[key]) for h in heads if key in h))
 
+    results = [x for r in runs for x in r["results"]]
+    per_cell = defaultdict(int)  # (task, length, depth) -> samples
+    for x in results:
+        per_cell[x["task"], x["length"], x.get("depth")] += 1
     by_samples = defaultdict(set)  # samples -> task families
-    for r in runs:
-        for x in r["results"]:
-            by_samples[r["header"]["samples"]].add(x["task"].split("/")[0])
+    for (task, _, _), n in per_cell.items():
+        by_samples[n].add(task.split("/")[0])
     samples = (next(iter(by_samples)) if len(by_samples) == 1 else
-               "; ".join(f"{n} ({', '.join(sorted(f))})" for n, f in by_samples.items()))
-    budget = {n: h["kv_budget"] for h in heads for n in h["lengths"]}
+               "; ".join(f"{n} ({', '.join(sorted(f))})" for n, f in sorted(by_samples.items())))
+    budget = {n: p["kv_budget"] for p in parts for n in p["lengths"]}  # each run's own, also inside merged parts
     kv_budget = (next(iter(set(budget.values()))) if len(set(budget.values())) == 1 else
-                 " / ".join(f"{budget[n]:,}" for n in lengths) + " (at " + " / ".join(
-                     f"{n // 1024}K" for n in lengths) + ")")
+                 " / ".join(f"{budget[n]:,}" for n in lengths) + " (at " + " / ".join(map(length_name, lengths)) + ")")
     header = dict(same, kv_budget=kv_budget, samples=samples, lengths=lengths, device=joined("device"),
                   torch=joined("torch"), date=min(h["date"] for h in heads), command=command, code=joined("code"),
                   wall_s=round(sum(h["wall_s"] for h in heads), 1), parts=parts)
     perplexity = {k: v for r in runs for k, v in r["perplexity"].items()}
     substitutions = {k: v for r in runs for k, v in r["substitutions"].items()}
-    results = [x for r in runs for x in r["results"]]
     return dict(header=header, substitutions=substitutions, perplexity=perplexity, results=results)
 
 

@@ -225,6 +225,11 @@ def test_merge_joins_lengths_with_their_budgets(tmp_path, no_evaluation):
     harness.main(["--merge", *map(str, parts), "--out", str(tmp_path / "both")])
     h = json.loads((tmp_path / "both" / "results.json").read_text())["header"]
     assert h["lengths"] == [1024, 2048] and h["kv_budget"] == "500 / 700 (at 1K / 2K)" and h["samples"] == 2
+    third = fake_run(tmp_path / "3000", ["passkey"], [3000], kv_policy="snapkv", kv_budget=900)
+    harness.main(["--merge", str(tmp_path / "both"), str(third), "--out", str(tmp_path / "all")])  # a merge again
+    h = json.loads((tmp_path / "all" / "results.json").read_text())["header"]
+    assert h["kv_budget"] == "500 / 700 / 900 (at 1K / 2K / 3000)" and len(h["parts"]) == 3
+    assert "| passkey | 0.0 | 0.0 | 0.0 | 0.0 |" in (tmp_path / "all" / "results.md").read_text()
 
 
 @pytest.mark.parametrize("second, message", [
