@@ -7,6 +7,7 @@ trained it). Run from the repository root:
         full_layers=[5,6,7,14,17,18,20,21,23,24] pattern.window=4096" "steps300=placement=calibrated \
         full_layers=[5,6,7,14,17,18,20,21,23,24] steps=300 grad_accum=8"
     python tools/extension.py --smoke            # a CPU dry run at toy sizes: every command once
+    python tools/extension.py --speed 30 --arms full longgen-calibrated   # tokens/s side by side, no evaluation
 
 An arm is a name from ARMS or NAME=train.py overrides. Everything goes under --runs (runs/extension): each arm's
 train.py out_dir, eval.py reports in eval/ARM/{retrieval,rest}, logs in logs/, and status.json (what runs, what is
@@ -109,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--before-question", action="store_true", help="with --evictions: also SnapKV and H2O compressed "
                    "before the question is read (eval.py --compress-before-question; arms full+snapkv-before-question, "
                    "full+h2o-before-question)")
+    p.add_argument("--speed", type=int, metavar="STEPS", help="instead: train each arm STEPS steps, one after another "
+                   "on the first GPU (nothing else on it), and compare their median tokens/s (steps 6 on) side by side")
     p.add_argument("--slots", type=int, default=4, help="evaluations at once per GPU")
     p.add_argument("--smoke", action="store_true", help="a CPU dry run at toy sizes")
     return p.parse_args(argv)
@@ -117,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     py = sys.executable
+    if args.speed is not None and args.speed < 7:
+        sys.exit(f"error: --speed {args.speed} leaves no step after the first 5 (they compile); give 7 or more.")
     arms = dict(a.split("=", 1) if "=" in a else (a, None) for a in args.arms)
     unknown = [a for a, extra in arms.items() if extra is None and a not in ARMS]
     if unknown:
@@ -168,6 +173,8 @@ def main(argv=None) -> None:
                          str(runs / "eval" / f"full+{policy}{when}" / length)], gpu)
                 merged(f"full+{policy}{when}", parts)
 
+    if args.speed is not None:
+        sys.exit(speed(jobs, arms, train, gpus[0], args.speed))
     queue, qlock = list(arms), threading.Lock()
 
     def lane(gpu: str):
@@ -189,6 +196,30 @@ def main(argv=None) -> None:
     failed = {name: s["state"] for name, s in jobs.status.items() if s["state"] != "done"}
     print(json.dumps(jobs.status, indent=1) if failed else f"All {len(jobs.status)} jobs done; see {runs}/status.json.")
     sys.exit(1 if failed else 0)
+
+
+def speed(jobs: Runner, arms: dict[str, list[str]], train: list[str], gpu: str, steps: int) -> int:
+    """Each arm trained `steps` steps on one GPU, one after another; a table of median tokens/s over steps 6 on (the
+    first ones compile), with each arm's ratio to full attention's when `full` is among the arms; speed.json."""
+    short = [f"steps={steps}", f"warmup_steps={min(20, steps // 10)}", "eval_every=0", "save_every=0"]
+    rows = {}
+    for arm, overrides in arms.items():
+        out = jobs.runs / f"speed-{arm}"
+        if jobs.run(f"speed-{arm}", [sys.executable, "train.py", *train, *short, f"out_dir={out}", *overrides],
+                    gpu) != 0:
+            print(f"{arm}: training failed; see {jobs.runs}/logs/speed-{arm}.log", file=sys.stderr)
+            continue
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        tok_s = sorted(r["tokens_per_s"] for r in lines if "tokens_per_s" in r and r["step"] >= 6)
+        rows[arm] = dict(tokens_per_s=tok_s[len(tok_s) // 2], steps=len(tok_s))
+    base = rows.get("full", {}).get("tokens_per_s")
+    print(f"| arm | tokens/s (median of steps 6-{steps}) |" + (" vs full |" if base else ""))
+    print("|---|---|" + ("---|" if base else ""))
+    for arm, r in rows.items():
+        r["vs_full"] = round(r["tokens_per_s"] / base, 3) if base else None
+        print(f"| {arm} | {r['tokens_per_s']:,.0f} |" + (f" {r['vs_full']:.2f}x |" if base else ""))
+    (jobs.runs / "speed.json").write_text(json.dumps(dict(gpu=gpu, steps=steps, arms=rows), indent=1))
+    return 0 if len(rows) == len(arms) else 1
 
 
 if __name__ == "__main__":
