@@ -235,9 +235,13 @@ class Cache:
             torch.cat([K, k_BGTE], dim=2), torch.cat([V, v_BGTE], dim=2))  # later ones to [the cache as it was | chunk]
         owner = plan  # (B, C)
         take = owner.clamp(min=0)[:, None, :, None].expand(-1, K.shape[1], -1, K.shape[3])
+        if c0 == 0:  # an empty cache: a slot the chunk does not fill keeps slot_pos -1 and is never read, so every
+            torch.gather(k_BGTE, 2, take, out=K)  # slot takes its gather, in one pass each
+            torch.gather(v_BGTE, 2, take, out=V)
+            return keys, values
         stored = (owner >= 0)[:, None, :, None]
-        K.copy_(torch.where(stored, k_BGTE.gather(2, take), K))
-        V.copy_(torch.where(stored, v_BGTE.gather(2, take), V))
+        torch.where(stored, k_BGTE.gather(2, take), K, out=K)
+        torch.where(stored, v_BGTE.gather(2, take), V, out=V)
         return keys, values
 
     def advance(self, T: int) -> None:

@@ -67,11 +67,12 @@ def test_cached_greedy_equals_full_recompute(layout, length, chunk):
 
 
 @pytest.mark.parametrize("layout", ["longgen", "longgen_strided", "full"])
-def test_batch_of_different_lengths(layout):
+@pytest.mark.parametrize("chunk", [16, 4096])  # 4096: a first chunk past the reach, its rows of different lengths
+def test_batch_of_different_lengths(layout, chunk):
     model = tiny(layout)
     torch.manual_seed(1)
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (3, 57, 100, 24)]
-    logits, tokens = cached_run(model, prompts, 50, chunk=16)
+    logits, tokens = cached_run(model, prompts, 50, chunk=chunk)
     for row, prompt in enumerate(prompts):
         reference = recomputed(model, prompt, tokens[row])
         torch.testing.assert_close(logits[row], reference, atol=1e-4, rtol=1e-4)
