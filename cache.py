@@ -178,8 +178,8 @@ class Cache:
         chunk within the pattern's reach, else the pattern's mask."""
         if c0 == 0 and T <= kc.pattern.reach():
             return None
-        if c0 == 0 and self.band_prefill and kc.pattern.band():
-            return Band(*kc.pattern.band())
+        if c0 == 0 and self.band_prefill and (band := kc.pattern.band()):
+            return Band(*band)
         if use_flex:
             return block_mask(kc.pattern, T, c0 + T, batch=self.batch, q_offset=c0, block_size=self.cfg.mask_block,
                               device=self.pos.device)

@@ -200,14 +200,14 @@ def report(results: list[dict], lengths: list[int], header: dict, ppl: dict, sub
                 if header.get("compress_before_question") else "."),
              f"Samples per task and length: {header['samples']}; seed {header['seed']}; greedy decoding.", ""]
     if "device" in header:  # the run's record, as EVALUATION.md gives it with every number
+        merged = len(header.get("parts", [])) > 1  # eval.py --merge: the run of each part follows
         lines += [f"- Device: {header['device']}; torch {header['torch']}.",
-                  f"- Date: {header['date']}; the "
-                  + ("parts took" if len(header.get("parts", [])) > 1 else "run took") + f" {header['wall_s']:.0f} s"
-                  + (" in all." if len(header.get("parts", [])) > 1 else "."),
-                  f"- Command: `{header['command']}`", f"- Code: {header['code']}.", ""]
-        if len(header.get("parts", [])) > 1:  # a merged report: the run of each part
-            lines[-1:] = ["- Parts:"] + [f"  - `{p['command']}` ({p['date']}, {p['wall_s']:.0f} s)"
-                                         for p in header["parts"]] + [""]
+                  f"- Date: {header['date']}; the " + ("parts took" if merged else "run took")
+                  + f" {header['wall_s']:.0f} s" + (" in all." if merged else "."),
+                  f"- Command: `{header['command']}`", f"- Code: {header['code']}."]
+        if merged:
+            lines += ["- Parts:"] + [f"  - `{p['command']}` ({p['date']}, {p['wall_s']:.0f} s)" for p in header["parts"]]
+        lines.append("")
     lines += ["| task | " + " | ".join(map(length_name, lengths)) + " | mean |",
               "|---|" + "---|" * (len(lengths) + 1)]
     groups = {"ruler": [t for t in tasks if t.startswith("ruler/")],

@@ -237,8 +237,8 @@ def window_attention(q_BHTE, k_BGTE, v_BGTE, window: int) -> tuple[Tensor, Tenso
     H = q_BHTE.shape[1]
     k, v = (x.repeat_interleave(H // x.shape[1], dim=1).float() for x in (k_BGTE, v_BGTE))
     scores = q_BHTE.float() @ k.transpose(-1, -2) * E ** -0.5  # (B, H, T, T)
-    q_pos, k_pos = torch.arange(T, device=q_BHTE.device)[:, None], torch.arange(T, device=q_BHTE.device)[None, :]
-    scores = scores.masked_fill((k_pos > q_pos) | (q_pos - k_pos >= window), -math.inf)
+    band = dense_mask(make_pattern("sink_window", n_sink=0, window=window), T, T, device=q_BHTE.device)  # no sinks
+    scores = scores.masked_fill(~band, -math.inf)
     return (torch.softmax(scores, dim=-1) @ v).to(q_BHTE.dtype), scores.logsumexp(-1)
 
 

@@ -184,7 +184,5 @@ def main(argv=None) -> None:
     log(f"wrote {key}'s entry to {args.out}: {json.dumps(entry)}")
 
 
-
-
 if __name__ == "__main__":
     run_cli(main)
