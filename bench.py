@@ -100,9 +100,8 @@ def free_bytes(device) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ inference
-def inference(model, length: int, batch: int, args, copy_GBps: float, band_prefill: bool = False) -> dict:
-    """KV bytes, prefill seconds and decode ms/token of one layout at one context length and batch (band_prefill:
-    the cache's first chunk of sink + window layers through flash attention's sliding window)."""
+def inference(model, length: int, batch: int, args, copy_GBps: float) -> dict:
+    """KV bytes, prefill seconds and decode ms/token of one layout at one context length and batch."""
     cfg, device, new = model.cfg, args.device, args.new_tokens
     need = sum(Cache(cfg, batch, length + new, "meta", torch.bfloat16).nbytes().values())
     if device != "cpu":  # give back what earlier measurements held: their compiled graphs' memory pools, cached blocks
@@ -112,8 +111,7 @@ def inference(model, length: int, batch: int, args, copy_GBps: float, band_prefi
     if need + 4 * 2**30 * (device != "cpu") > free_bytes(device):  # 4 GiB for the prefill's activations
         return dict(skipped=f"its {need / 2**30:.1f} GiB KV cache does not fit")
     before = torch.cuda.memory_allocated() if device != "cpu" else 0
-    cache = Cache(cfg, batch, length + new, device, torch.bfloat16, flex_decode=args.flex_decode,
-                  band_prefill=band_prefill)
+    cache = Cache(cfg, batch, length + new, device, torch.bfloat16, flex_decode=args.flex_decode)
     kv_bytes = torch.cuda.memory_allocated() - before if device != "cpu" else need
     cache.mark_static()
     prompts = torch.randint(0, cfg.vocab_size, (batch, length)).tolist()
@@ -358,9 +356,6 @@ def parse_args(argv=None):
                                                                "with RMSNorm, SiLU and residuals inside, at batch 1 on "
                                                                "a GPU), plain (cuBLAS and separate kernels), or both: "
                                                                "fused,plain")
-    p.add_argument("--first-chunk", default="flex", help="a sink + window layer's first prefill chunk past its reach: "
-                                                           "flex (its block mask), band (flash attention's sliding "
-                                                           "window, model.band_attention), or both: flex,band")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager decode and training steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write every number here (rewritten after each measurement)")
@@ -379,9 +374,6 @@ def parse_args(argv=None):
     args.decode_kernels = args.decode_kernels.split(",")
     if not args.decode_kernels or set(args.decode_kernels) - {"fused", "plain"}:
         raise UserError("--decode-kernels takes fused, plain or fused,plain.")
-    args.first_chunk = args.first_chunk.split(",")
-    if not args.first_chunk or set(args.first_chunk) - {"flex", "band"}:
-        raise UserError("--first-chunk takes flex, band or flex,band.")
     args.train_precision = args.train_precision.split(",")
     if not args.train_precision or set(args.train_precision) - {"bf16", "float8"}:
         raise UserError("--train-precision takes bf16, float8 or bf16,float8.")
@@ -433,14 +425,11 @@ def run(args) -> dict:
         for length in args.lengths:
             for batch in args.batch:
                 for name, cfg in layouts.items():
-                    banded = any(cfg.pattern(kind).band() for kind in set(cfg.layer_kinds))
                     for products_ in args.decode_kernels:
-                        for first in args.first_chunk if banded else ["flex"]:
-                            model.cfg, kernels.enabled = cfg, products_ == "fused"
-                            record("inference", dict(
-                                layout=name + (" (band first chunk)" if first == "band" else ""), length=length,
-                                batch=batch, full_layers=cfg.layer_kinds.count("full"), kernels=products_,
-                                **inference(model, length, batch, args, report["copy_GBps"], first == "band")))
+                        model.cfg, kernels.enabled = cfg, products_ == "fused"
+                        record("inference", dict(layout=name, length=length, batch=batch,
+                                                 full_layers=cfg.layer_kinds.count("full"), kernels=products_,
+                                                 **inference(model, length, batch, args, report["copy_GBps"])))
         kernels.enabled = True
         del model
     if "products" in args.parts:

@@ -14,8 +14,7 @@ itself alone, under the pattern's own mask), then keeps what survives (the last 
 first would evict tokens the chunk's early queries still need.
 Until a sparse layer's first eviction (sink + window: its first n_sink + window tokens, which sit at their own slots) a
 chunk is written in place and attends as a full layer's does; a first chunk within the pattern's reach (every causal
-pair allowed) takes SDPA's causal kernel, as a full layer's first chunk does; past the reach, with `band_prefill`, a
-sink + window layer's first chunk takes flash attention's sliding window (model.band_attention) instead of flex.
+pair allowed) takes SDPA's causal kernel, as a full layer's first chunk does.
 Decoding writes the new token first and attends over the whole buffer: static shapes, ready for CUDA graphs. It runs
 SDPA with a dense (B, 1, 1, C) mask: one query row has no tiles worth skipping, and SDPA decoded faster than flex
 decoding (see BENCHMARKS.md); `flex_decode` keeps flex decoding for chosen kinds. For one sequence on a GPU,
@@ -31,7 +30,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from masks import Pattern, block_mask, block_ranges, dense_mask, from_block_grid, whole_tiles
-from model import Band, rope_angles, rope_frequencies
+from model import rope_angles, rope_frequencies
 
 TILE = 128  # slots are allocated in multiples of this (flex's tile; other lengths crashed flex decoding on an H100)
 
@@ -75,14 +74,11 @@ class Cache:
     """KV cache for a batch of sequences of up to max_len tokens each. The model calls prepare() once per forward,
     update() in every layer, and advance() at the end; generate.py calls start_prefill() and start_decoding()."""
 
-    def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32, flex_decode=(),
-                 band_prefill: bool = False):
+    def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32, flex_decode=()):
         """flex_decode: attention kinds whose decoding steps use flex decoding (on GPU) instead of SDPA with a dense
-        mask (bench.py --flex-decode compares the two). band_prefill: a sink + window layer's first prefill chunk
-        past its reach takes model.band_attention (flash attention's sliding window) instead of flex (bench.py
-        --first-chunk compares the two)."""
+        mask (bench.py --flex-decode compares the two)."""
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
-        self.flex_decode, self.band_prefill = set(flex_decode), band_prefill
+        self.flex_decode = set(flex_decode)
         self.layer_kind = cfg.layer_kinds
         # layer -> its index within its kind
         self.index = [cfg.layer_kinds[:i].count(kind) for i, kind in enumerate(cfg.layer_kinds)]
@@ -178,8 +174,6 @@ class Cache:
         chunk within the pattern's reach, else the pattern's mask."""
         if c0 == 0 and T <= kc.pattern.reach():
             return None
-        if c0 == 0 and self.band_prefill and (band := kc.pattern.band()):
-            return Band(*band)
         if use_flex:
             return block_mask(kc.pattern, T, c0 + T, batch=self.batch, q_offset=c0, block_size=self.cfg.mask_block,
                               device=self.pos.device)

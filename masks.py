@@ -248,11 +248,6 @@ class Pattern:
         attention, and a layer may take the full layers' kernel (SDPA flash) instead of flex."""
         return math.inf
 
-    def band(self) -> tuple[int, int] | None:
-        """(n_sink, window) when the pattern is sinks plus a causal sliding window, which flash attention computes
-        natively (model.band_attention); None when it is not."""
-        return None
-
     # the KV cache (cache.py): a static buffer of `capacity` slots, position p written to slot_of(p)
     def capacity(self, max_len: int) -> int:
         """Slots a sequence of up to max_len tokens needs: every position a later query can still see."""
@@ -312,9 +307,6 @@ class SinkWindow(Pattern):
     def reach(self) -> float:
         # the farthest pair whose key is not a sink, q = n - 1 and k = n_sink, needs n - 1 - n_sink < window
         return self.n_sink + self.window
-
-    def band(self) -> tuple[int, int]:
-        return self.n_sink, self.window
 
     def capacity(self, max_len: int) -> int:
         return min(max_len, self.n_sink + self.window)

@@ -191,65 +191,12 @@ def compiled_flex_attention(q, k, v, block_mask: BlockMask):
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
-@dataclass(frozen=True)
-class Band:
-    """The mask of a sink + window layer over the first T positions of a sequence, queries and keys alike (a first
-    prefill chunk past the pattern's reach): band_attention computes it from flash attention's sliding window."""
-    n_sink: int
-    window: int
-
-
-# flash attention's sliding window (FlashAttention-2 inside torch; on a GPU, in half precision)
-FLASH_WINDOW = "window_size_left" in str(torch.ops.aten._flash_attention_forward.default._schema)
-
-
-def band_attention(q_BHTE, k_BGTE, v_BGTE, n_sink: int, window: int) -> Tensor:
-    """Sink + window attention (masks.sink_window) of T queries over the same T positions from 0, without a mask: the
-    window as flash attention's causal sliding window, and, for the queries past the window, the sinks it no longer
-    covers (k < n_sink and k <= q - window: a few keys, one dense product) as a second piece; the two are merged by
-    their log-sum-exps. The pieces share no pair, so the result is exact."""
-    B, H, T, E = q_BHTE.shape
-    out, lse = window_attention(q_BHTE, k_BGTE, v_BGTE, window)  # (B, H, T, E), (B, H, T) in float32
-    if T <= window or n_sink == 0:
-        return out
-    q = q_BHTE[:, :, window:].float()  # (B, H, R, E): the queries past the window
-    k, v = (x[:, :, :n_sink].repeat_interleave(H // x.shape[1], dim=1).float() for x in (k_BGTE, v_BGTE))
-    scores = q @ k.transpose(-1, -2) * E ** -0.5  # (B, H, R, n_sink)
-    rows = torch.arange(T - window, device=q.device)[:, None]  # q - window
-    scores = scores.masked_fill(torch.arange(n_sink, device=q.device)[None, :] > rows, -math.inf)
-    lse_sink = scores.logsumexp(-1)  # finite: every such query sees key 0
-    lse_win = lse[:, :, window:]
-    both = torch.logaddexp(lse_win, lse_sink)
-    tail = (out[:, :, window:].float() * (lse_win - both).exp()[..., None]
-            + torch.softmax(scores, dim=-1) @ v * (lse_sink - both).exp()[..., None])
-    return torch.cat([out[:, :, :window], tail.to(out.dtype)], dim=2)
-
-
-def window_attention(q_BHTE, k_BGTE, v_BGTE, window: int) -> tuple[Tensor, Tensor]:
-    """Causal attention of each query q over keys q - window < k <= q (equal positions), and its log-sum-exp: flash
-    attention's sliding window on a GPU in half precision (it skips the tiles outside the band), else a dense mask."""
-    T, E = q_BHTE.shape[2], q_BHTE.shape[3]
-    if FLASH_WINDOW and q_BHTE.is_cuda and q_BHTE.dtype in (torch.float16, torch.bfloat16):
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(  # (B, T, H, E) layout, as flash attention's own
-            q_BHTE.transpose(1, 2), k_BGTE.transpose(1, 2), v_BGTE.transpose(1, 2), None, None, T, T, 0.0, True,
-            False, window_size_left=window - 1, window_size_right=0)
-        return out.transpose(1, 2), lse
-    H = q_BHTE.shape[1]
-    k, v = (x.repeat_interleave(H // x.shape[1], dim=1).float() for x in (k_BGTE, v_BGTE))
-    scores = q_BHTE.float() @ k.transpose(-1, -2) * E ** -0.5  # (B, H, T, T)
-    band = dense_mask(make_pattern("sink_window", n_sink=0, window=window), T, T, device=q_BHTE.device)  # no sinks
-    scores = scores.masked_fill(~band, -math.inf)
-    return (torch.softmax(scores, dim=-1) @ v).to(q_BHTE.dtype), scores.logsumexp(-1)
-
-
 def masked_attention(q_BHTE, k_BGSE, v_BGSE, mask) -> Tensor:
     """Attention under a mask of any form. mask: None = causal over equal lengths (SDPA flash), a BlockMask (flex), a
-    Band (a sink + window first chunk: band_attention), a (B, 1, T, S) bool tensor (SDPA), or an object with
-    `exchange_and_attend` (context_parallel.CPAttention: fetches other ranks' keys, then attends)."""
+    (B, 1, T, S) bool tensor (SDPA), or an object with `exchange_and_attend` (context_parallel.CPAttention: fetches
+    other ranks' keys, then attends)."""
     if hasattr(mask, "exchange_and_attend"):
         return mask.exchange_and_attend(q_BHTE, k_BGSE, v_BGSE)
-    if isinstance(mask, Band):
-        return band_attention(q_BHTE, k_BGSE, v_BGSE, mask.n_sink, mask.window)
     if mask is None:
         return F.scaled_dot_product_attention(q_BHTE, k_BGSE, v_BGSE, is_causal=True, enable_gqa=True)
     if isinstance(mask, BlockMask):

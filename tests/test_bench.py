@@ -14,7 +14,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = bench.parse_args(["--preset", "tiny", "--lengths", "256,512", "--batch", "1,2", "--new-tokens", "12",
                              "--train-lengths", "256", "--train-precision", "bf16,float8", "--hf-lengths", "256", "--decode-kernels", "fused,plain",
-                             "--first-chunk", "flex,band", "--no-compile", "--device", "cpu",
+                             "--no-compile", "--device", "cpu",
                              "--json", str(out)])
     report = bench.run(args)
     return report, json.loads(out.read_text()), bench.tables(report)
@@ -23,11 +23,9 @@ def run(tmp_path_factory):
 def test_every_row_is_measured_and_written(run):
     report, written, _ = run
     assert written == json.loads(json.dumps(report))
-    rows = [("full", ("flex",)), ("longgen sink_window", ("flex", "band")), ("longgen strided", ("flex",))]
-    band = " (band first chunk)"
+    layouts = ["full", "longgen sink_window", "longgen strided"]
     assert [(r["length"], r["batch"], r["layout"], r["kernels"]) for r in written["inference"]] == \
-        [(n, b, lay + (band if first == "band" else ""), k) for n in (256, 512) for b in (1, 2) for lay, firsts in rows
-         for k in ("fused", "plain") for first in firsts]
+        [(n, b, lay, k) for n in (256, 512) for b in (1, 2) for lay in layouts for k in ("fused", "plain")]
     assert [r["product"].split(",")[0] for r in written["products"]] == ["wqkv", "wo", "w13", "w2", "output"]
     for r in written["products"]:
         assert not r["fused_ran"]  # on a CPU every product takes the reference path
@@ -85,7 +83,6 @@ def test_rows_that_do_not_fit_are_skipped_and_said(monkeypatch, capsys):
                                            (["--lengths", "lots"], "Cannot read the length"),
                                            (["--new-tokens", "8"], "at least 12"),
                                            (["--decode-kernels", "cublas"], "fused, plain"),
-                                           (["--first-chunk", "flash"], "flex, band or flex,band"),
                                            (["--train-precision", "fp8"], "bf16, float8")])
 def test_bad_arguments_say_what_to_fix(argv, message):
     with pytest.raises(UserError, match=message):

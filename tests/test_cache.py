@@ -1,17 +1,13 @@
 """The compacted cache against a full recompute: the same logits and the same greedy tokens, whatever the layout,
 prompt lengths, chunking and ring wrap-around."""
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import needs_cuda
 
-from decoding import kernels
 import longgen
 from cache import Cache
 from generate import compiled_decode, decode_one, generate, prefill
-from masks import Pattern, dense_mask
 from model import build, init_weights, preset
 
 # tiny: n_sink 4, window 24, block 8, local_blocks 2, stride 4 (a kept block every 32 tokens)
@@ -32,11 +28,10 @@ def tiny(layout: str, **overrides):
 
 
 @torch.no_grad()
-def cached_run(model, prompts, n_new, chunk, decode=decode_one, flex_decode=(), band_prefill=False):
+def cached_run(model, prompts, n_new, chunk, decode=decode_one, flex_decode=()):
     """Greedy decoding through the cache; the logits of every step, (B, n_new, V), and the tokens (B, n_new)."""
     device = model.tok_embeddings.weight.device
-    cache = Cache(model.cfg, len(prompts), max(map(len, prompts)) + n_new, device, model.tok_embeddings.weight.dtype,
-                  flex_decode=flex_decode, band_prefill=band_prefill)
+    cache = Cache(model.cfg, len(prompts), max(map(len, prompts)) + n_new, device, flex_decode=flex_decode)
     if decode is not decode_one:
         cache.mark_static()
     logits, steps = prefill(model, cache, prompts, chunk), []
@@ -142,47 +137,6 @@ def test_gpu_flex_prefill_and_cuda_graph_decode_equal_recompute(layout, flex_dec
     for row, prompt in enumerate(prompts):
         reference = recomputed(model, prompt, tokens[row].cpu())
         torch.testing.assert_close(logits[row], reference, atol=2e-4, rtol=2e-4)
-
-
-@pytest.mark.parametrize("layout", ["longgen", "sink_window", "longgen_strided"])
-@pytest.mark.parametrize("chunk", [4096, 37])
-def test_band_first_chunk_equals_recompute(layout, chunk, monkeypatch):
-    """band_prefill: a sink + window layer's first chunk past its reach attends through model.band_attention (on a
-    CPU, its dense-mask form of the window piece); later chunks, strided layers and decoding as before."""
-    import model as model_module
-
-    model = tiny(layout)
-    calls = []
-    band = model_module.band_attention
-    monkeypatch.setattr(model_module, "band_attention", lambda *a: calls.append(a[0].shape[2]) or band(*a))
-    torch.manual_seed(3)
-    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (100, 31, 57)]
-    logits, tokens = cached_run(model, prompts, 40, chunk, band_prefill=True)
-    for row, prompt in enumerate(prompts):
-        reference = recomputed(model, prompt, tokens[row])
-        torch.testing.assert_close(logits[row], reference, atol=1e-4, rtol=1e-4)
-        assert torch.equal(tokens[row], reference.argmax(-1))
-    sparse = [k for k in model.cfg.layer_kinds if k == "sink_window"]
-    assert calls == [min(chunk, 100)] * len(sparse)  # the first chunk of each sink + window layer, nothing else
-
-
-@needs_cuda
-@pytest.mark.parametrize("layout", ["longgen", "sink_window"])
-def test_gpu_band_first_chunk_equals_recompute(layout):
-    """On GPU in bf16 the first chunk takes flash attention's sliding window (model.FLASH_WINDOW); against a float32
-    recompute of the same weights."""
-    import model as model_module
-
-    assert model_module.FLASH_WINDOW, "this torch's _flash_attention_forward has no window_size_left"
-    model = tiny(layout).cuda()
-    torch.manual_seed(4)
-    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (300, 170)]
-    fast = build(model.cfg, device="cuda", dtype=torch.bfloat16)
-    fast.load_state_dict(model.state_dict())
-    logits, tokens = cached_run(fast.eval(), prompts, 30, chunk=4096, band_prefill=True)
-    ref_logits, ref_tokens = cached_run(fast.eval(), prompts, 30, chunk=4096)  # the same through flex
-    torch.testing.assert_close(logits.float(), ref_logits.float(), atol=5e-2, rtol=5e-2)
-    assert (tokens == ref_tokens).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("layout", ["sink_window", "strided"])

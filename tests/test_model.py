@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import needs_cuda
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -209,7 +208,6 @@ STANDALONE = """
 import os, sys
 sys.modules["kernels"] = None  # the fused decoding kernels: importing them now fails
 import torch
-import torch.nn.functional as F
 from cache import Cache
 from model import build, preset
 
@@ -257,34 +255,3 @@ def test_importing_the_model_changes_no_compiler_setting():
                          text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:2] == ["[]", "True True"]
-
-
-@pytest.mark.parametrize("T, n_sink, window, heads, kv_heads", [
-    (50, 4, 24, 4, 2), (24, 4, 24, 4, 4), (30, 0, 8, 6, 2), (100, 7, 16, 2, 1), (10, 4, 24, 4, 2), (29, 4, 24, 2, 2)])
-def test_band_attention_equals_the_dense_mask(T, n_sink, window, heads, kv_heads):
-    """Sink + window from two pieces merged by log-sum-exp (window; sinks past it) against SDPA with the dense mask:
-    past, at and before the window, with and without sinks, with grouped keys."""
-    from model import band_attention
-    from masks import SinkWindow, dense_mask
-
-    torch.manual_seed(T)
-    q, k, v = torch.randn(2, heads, T, 16), torch.randn(2, kv_heads, T, 16), torch.randn(2, kv_heads, T, 16)
-    mask = dense_mask(SinkWindow(n_sink=n_sink, window=window), T, T, batch=2)
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(band_attention(q, k, v, n_sink, window), reference, atol=2e-6, rtol=2e-6)
-
-
-@needs_cuda
-@pytest.mark.parametrize("T, n_sink, window", [(4096, 64, 2048), (3000, 64, 2048), (1000, 0, 256)])
-def test_gpu_band_attention_in_bf16(T, n_sink, window):
-    """On a GPU in bf16: flash attention's sliding window (FLASH_WINDOW) against float32 with the dense mask."""
-    from model import FLASH_WINDOW, band_attention
-    from masks import SinkWindow, dense_mask
-
-    assert FLASH_WINDOW
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, h, T, 128, device="cuda") for h in (8, 2, 2))
-    mask = dense_mask(SinkWindow(n_sink=n_sink, window=window), T, T, device="cuda")
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    out = band_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), n_sink, window)
-    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)

@@ -2,8 +2,7 @@
 # Issue 22 on one GPU: sweep this GPU's tiles into tiles.json, run the GPU tests of the fast paths, then bench.py's
 # short and long contexts, full attention against LongGen sink_window in each run. Every step writes its own files
 # under $OUT as it goes (bench.py rewrites its JSON after each row), and a step that fails or runs out of time does not
-# stop the next. Steps stop when BUDGET_S (default 470 s) has passed since the start. Each bench row of LongGen runs
-# with both first-chunk kernels (flex, and band: flash attention's sliding window) unless FIRST_CHUNK=flex.
+# stop the next. Steps stop when BUDGET_S (default 470 s) has passed since the start.
 #
 #   bash tools/gpu_short.sh         sweep, tests, 4K batch 1 and 8, 256/1K/2K batch 1, 32K/128K batch 1, 1K/2K batch 8
 #   bash tools/gpu_short.sh rest    256/1K/2K batch 1, 32K/128K batch 1, 1K/2K batch 8: what a first call had no time
@@ -34,13 +33,13 @@ step() {  # step NAME CAP_S COMMAND...: run with the smaller of CAP_S and the ti
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$log" 2>&1
 $PY -c "import torch, triton, bench; from benchmarks import bench_tiles; print('torch', torch.__version__, 'triton', triton.__version__)" \
   >>"$log" 2>&1 || echo "== imports failed: see above" | tee -a "$log"
-B="$PY bench.py --parts inference --variant sink_window --first-chunk ${FIRST_CHUNK:-flex,band}"
+B="$PY bench.py --parts inference --variant sink_window"
 if [[ "${1:-all}" != rest ]]; then
   step sweep 110 $PY -m benchmarks.bench_tiles --budget-s 25 --json "$OUT/tiles_sweep.json"
   cp decoding/tiles.json "$OUT/tiles.json" 2>/dev/null
   step tests 150 $PY -m pytest -q tests/test_cache.py tests/test_kernels.py tests/test_model.py \
     -k "gpu or cuda or swept or compiled_decoding"
-  step bench-4k 220 $B --lengths 4k --batch 1,8 --json "$OUT/h200_short.json"
+  step bench-4k 170 $B --lengths 4k --batch 1,8 --json "$OUT/h200_short.json"
 fi
 step bench-256-2k 200 $B --lengths 256,1k,2k --batch 1 --json "$OUT/h200_256_2k.json"
 step bench-32k-128k 200 $B --lengths 32k,128k --batch 1 --json "$OUT/h200_32k_128k.json"
