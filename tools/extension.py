@@ -42,6 +42,13 @@ SMOKE_TRAIN = ["steps=2", "grad_accum=1", "seq_len=1024", "eval_every=0", "save_
                "dtype=float32", "pattern.window=32", "warmup_steps=1"]
 
 
+def write_json(path: Path, obj) -> None:
+    """Whole or not at all: a reader (or a run cut off mid-write) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
 class Runner:
     """Jobs as subprocesses with their logs and a status file; evaluations limited to `slots` at once per GPU."""
 
@@ -54,9 +61,7 @@ class Runner:
 
     def save(self):
         with self.lock:
-            tmp = self.runs / "status.json.tmp"
-            tmp.write_text(json.dumps(self.status, indent=1))
-            tmp.replace(self.runs / "status.json")
+            write_json(self.runs / "status.json", self.status)
 
     def run(self, name: str, cmd: list[str], gpu: str) -> int:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -218,7 +223,7 @@ def speed(jobs: Runner, arms: dict[str, list[str]], train: list[str], gpu: str, 
     for arm, r in rows.items():
         r["vs_full"] = round(r["tokens_per_s"] / base, 3) if base else None
         print(f"| {arm} | {r['tokens_per_s']:,.0f} |" + (f" {r['vs_full']:.2f}x |" if base else ""))
-    (jobs.runs / "speed.json").write_text(json.dumps(dict(gpu=gpu, steps=steps, arms=rows), indent=1))
+    write_json(jobs.runs / "speed.json", dict(gpu=gpu, steps=steps, arms=rows))
     return 0 if len(rows) == len(arms) else 1
 
 
