@@ -32,8 +32,9 @@ from errors import UserError, run_cli, write_atomic
 PARTS = ("gemv", "rope")
 GEMV_CANDIDATES = [(rows, bk, warps, stages) for rows in (2, 1, 4, 8) for bk, warps in
                    ((1024, 4), (2048, 8), (512, 4), (1024, 8)) for stages in (3, 1)]
-ROPE_CANDIDATES = [(pairs, bk, warps, stages) for pairs in (1, 2, 4) for bk, warps in
-                   ((512, 4), (1024, 4), (1024, 8), (2048, 8)) for stages in (1, 3)]
+ROPE_CANDIDATES = [(16, 256, 4, 4), (8, 256, 2, 6), (16, 128, 8, 4)] + [  # the first three: an H200's best in 2026-12
+    (pairs, bk, warps, stages) for pairs in (1, 2, 4) for bk, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8))
+    for stages in (1, 3)]
 
 
 # ------------------------------------------------------------------------------------------------ the table
