@@ -8,10 +8,10 @@ decoding/kernels.py reads at run time, one entry per GPU model (kernels.device_k
   residual it runs with, for every candidate tiling (rows per program, K step, warps, stages);
 - rope: norm_qkv_rope (RMSNorm, wqkv, RoPE, cache write) at the preset's shape.
 Products are timed as CUDA-graph replays with the weights rotating through copies of 4x the L2 cache, so each is read
-from memory. Every part measures today's tiles (the fallback) first; a candidate
-replaces them only if it is at least 1% faster, so noise cannot pick a worse one. Each part stops
-trying candidates after --budget-s seconds and keeps the best so far. The entry is merged into --out atomically (other
-GPUs' entries and this GPU's unswept parts kept). Needs a CUDA GPU with Triton.
+from memory. Every part measures today's tiles (the fallback: this GPU's entry in the table, else the rules in
+decoding/kernels.py) first; a candidate replaces them only if it is at least 1% faster, so noise cannot pick a worse
+one. Each part stops trying candidates after --budget-s seconds and keeps the best so far. The entry is merged into
+--out atomically (other GPUs' entries and this GPU's unswept parts kept). Needs a CUDA GPU with Triton.
 """
 from __future__ import annotations
 
@@ -108,8 +108,8 @@ def sweep_gemv(cfg, budget_s: float, copy_GBps: float, log) -> tuple[dict, list]
             return graph_us(lambda: [kernels.launch_gemv(x, w, norm, res, 1e-5, prologue, residual, tiles)
                                      for w in weights]) / len(weights)
 
-        results = sweep(f"gemv {name} {N}x{K}", GEMV_CANDIDATES, kernels.gemv_tiles(N, K), run,
-                        budget_s / len(shapes), log)
+        today = kernels.gemv_tiles(N, K, kernels.device_key(dev))
+        results = sweep(f"gemv {name} {N}x{K}", GEMV_CANDIDATES, today, run, budget_s / len(shapes), log)
         for r in results:
             r.update(product=name, N=N, K=K)
             if "us" in r:
@@ -134,7 +134,8 @@ def sweep_rope(cfg, budget_s: float, copy_GBps: float, log) -> tuple[dict, list]
         return graph_us(lambda: [kernels.launch_norm_qkv_rope(x, w, norm, 1e-5, cos, sin, pos, k_cache, v_cache, slots,
                                                               H, tiles) for w in weights]) / len(weights)
 
-    results = sweep(f"rope {E}x{K}", ROPE_CANDIDATES, kernels.rope_tiles(E, K), run, budget_s, log)
+    today = kernels.rope_tiles(E, K, kernels.device_key(dev))
+    results = sweep(f"rope {E}x{K}", ROPE_CANDIDATES, today, run, budget_s, log)
     for r in results:
         r.update(N=N, K=K, **({"of_copy": N * K * 2 / r["us"] / 1e3 / copy_GBps} if "us" in r else {}))
     return {f"{E}x{K}": list(pick(results, 0.01)["tiles"])}, results
