@@ -11,6 +11,7 @@ from conftest import ROOT
 @pytest.mark.parametrize("args, message", [
     (["--arms", "nope"], "unknown arm 'nope'"),
     (["--speed", "3", "--arms", "full"], "--speed 3 leaves no step after the first 5"),
+    (["--samples", "0", "--arms", "full"], "--samples 0: give 1 or more"),
 ])
 def test_mistakes_are_one_line_before_anything_runs(tmp_path, args, message):
     runs = tmp_path / "runs"

@@ -108,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus", default="0", help="GPUs to spread the arms over, one arm per GPU at a time (e.g. 0,1)")
     p.add_argument("--runs", default="runs/extension", help="where everything goes")
     p.add_argument("--lengths", default="8k,16k,32k", help="evaluation lengths")
+    p.add_argument("--samples", type=int, default=10, help="passkey and niah prompts per length and needle depth (5 "
+                   "depths): 10 makes 50 per cell, where two cells' difference has a standard error of ~10 points")
     p.add_argument("--rest", action=argparse.BooleanOptionalAction, default=True,
                    help="also the RULER and BABILong tasks (20 samples each), not only passkey and niah")
     p.add_argument("--evictions", action="store_true", help="after the full arm: StreamingLLM, SnapKV and H2O at the "
@@ -125,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     py = sys.executable
+    if args.samples < 1:
+        sys.exit(f"error: --samples {args.samples}: give 1 or more prompts per length and depth.")
     if args.speed is not None and args.speed < 7:
         sys.exit(f"error: --speed {args.speed} leaves no step after the first 5 (they compile); give 7 or more.")
     arms = dict(a.split("=", 1) if "=" in a else (a, None) for a in args.arms)
@@ -135,7 +139,7 @@ def main(argv=None) -> None:
     gpus = ["cpu"] if args.smoke else args.gpus.split(",")
     train = TRAIN + (SMOKE_TRAIN if args.smoke else ["data.num_proc=16"])
     lengths = "1k" if args.smoke else args.lengths
-    retrieval = ["--samples", "1", "--depths", "1"] if args.smoke else ["--samples", "10", "--depths", "5"]
+    retrieval = ["--samples", "1", "--depths", "1"] if args.smoke else ["--samples", str(args.samples), "--depths", "5"]
     rest = ["--samples", "1" if args.smoke else "20"]
     evict = ["--samples", "1", "--depths", "1"] if args.smoke else ["--samples", "4", "--depths", "5"]
     kept = 64 + (32 if args.smoke else 2048)  # a sparse layer's sinks + window
