@@ -57,7 +57,7 @@ class Runner:
         (runs / "logs").mkdir(parents=True, exist_ok=True)
         self.status, self.lock, self.threads = {}, threading.Lock(), []
         self.slots = {gpu: threading.Semaphore(slots) for gpu in gpus}
-        self.launched: dict[str, threading.Thread] = {}  # job name -> its thread, for merges to wait on
+        self.launched: dict[str, threading.Thread] = {}  # queued job's name -> its thread, for merges to wait on
 
     def save(self):
         with self.lock:
@@ -76,7 +76,8 @@ class Runner:
         self.save()
         return rc
 
-    def later(self, name: str, cmd: list[str], gpu: str):
+    def later(self, name: str, cmd: list[str], gpu: str) -> str:
+        """Queue a job (at most `slots` at once on its GPU); returns its name."""
         self.status[name] = dict(state="queued", gpu=gpu)
 
         def go():
@@ -84,14 +85,15 @@ class Runner:
                 self.run(name, cmd, gpu)
         self.threads.append(threading.Thread(target=go))
         self.threads[-1].start()
-        return self.threads[-1]
+        self.launched[name] = self.threads[-1]
+        return name
 
-    def merge(self, name: str, parts: list[tuple[str, threading.Thread]], cmd: list[str]):
-        """When the parts (job name, its thread) are done and all succeeded: eval.py --merge of their reports."""
+    def merge(self, name: str, parts: list[str], cmd: list[str]):
+        """When the jobs `parts` (queued with later()) are done and all succeeded: eval.py --merge of their reports."""
         def go():
-            for _, t in parts:
-                t.join()
-            if all(self.status[part]["state"] == "done" for part, _ in parts):
+            for part in parts:
+                self.launched[part].join()
+            if all(self.status[part]["state"] == "done" for part in parts):
                 self.run(name, cmd, "cpu")
             else:
                 self.status[name] = dict(state="skipped (a part failed)", gpu="cpu")
@@ -150,20 +152,16 @@ def main(argv=None) -> None:
         """The reports in eval/NAME/DIR/ (parts: DIR -> the job writing it) joined into one in eval/NAME/ when all
         are done: the report EVALUATION.md commits as docs/eval/extension/NAME/."""
         out = runs / "eval" / name
-        jobs.merge(f"merge-{name}", [(job, jobs.launched[job]) for job in parts.values()],
+        jobs.merge(f"merge-{name}", list(parts.values()),
                    [py, "eval.py", "--merge", *(str(out / p) for p in parts), "--out", str(out), "--overwrite"])
-
-    def later(name: str, cmd: list[str], gpu: str) -> str:
-        jobs.launched[name] = jobs.later(name, cmd, gpu)
-        return name
 
     def evaluate(arm: str, gpu: str):
         base = [py, "eval.py", "--checkpoint", str(runs / arm / "final"), "--lengths", lengths, "--batch", "4"]
-        parts = {"retrieval": later(f"eval-{arm}-retrieval", base + ["--tasks", "passkey,niah", *retrieval,
-                                    "--out", str(runs / "eval" / arm / "retrieval")], gpu)}
+        parts = {"retrieval": jobs.later(f"eval-{arm}-retrieval", base + ["--tasks", "passkey,niah", *retrieval,
+                                         "--out", str(runs / "eval" / arm / "retrieval")], gpu)}
         if args.rest:
-            parts["rest"] = later(f"eval-{arm}-rest", base + ["--tasks", REST, *rest, "--out",
-                                                             str(runs / "eval" / arm / "rest")], gpu)
+            parts["rest"] = jobs.later(f"eval-{arm}-rest", base + ["--tasks", REST, *rest, "--out",
+                                                                  str(runs / "eval" / arm / "rest")], gpu)
         merged(arm, parts)
         if arm == "full" and args.evictions:
             policies = [(p, "") for p in ("streaming", "snapkv", "h2o")]
@@ -174,7 +172,7 @@ def main(argv=None) -> None:
                     budget = math.ceil((10 * int(length[:-1]) * 1024 + 20 * kept) / 30)  # 10 of 30 layers full
                     batch = ["--batch", "4"] if policy == "streaming" else []  # the others: a prompt at a time
                     batch += ["--compress-before-question"] if when else []
-                    parts[length] = later(
+                    parts[length] = jobs.later(
                         f"eval-full+{policy}{when}-{length}",
                         [py, "eval.py", "--checkpoint", str(runs / "full" / "final"), "--layout", "full",
                          "--kv-policy", policy, "--kv-budget", str(budget), "--tasks", "passkey,niah",
